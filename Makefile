@@ -1,0 +1,30 @@
+# One-command entry points for a fresh machine with Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned to the CPU build that lies on the build machines' disk; an unpinned torch pulls a
+# multi-GB CUDA build. Installed first so later requirements on torch are already met.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e '.[all,test]'
+	touch $@
+
+demo: setup
+	$(BIN)/subjectpairs demo --out demo
+
+test: setup
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python benchmarks/filter_bench.py
+
+clean:
+	rm -rf $(VENV) demo benchmarks/.data .pytest_cache

@@ -1,0 +1,284 @@
+"""Reading OpenImages-V6 box files fast, and telling exactly where they are wrong.
+
+The train file has 14.6M rows and 21 columns (2.2 GB). The fast path reads only the eight columns the
+filter needs with pyarrow's multi-threaded CSV reader, typed at parse time, with the id columns
+dictionary-encoded so that grouping works on small integers. Empty lines are kept as rows so that row
+``i`` is always line ``i + 2`` of the file (after the header), which lets every later check name its line.
+
+When the fast read fails (a non-numeric value, a row with the wrong number of fields), the file is read
+again serially with every column as text, so that each bad value can be reported with its line instead of
+pyarrow's first error only. That path is slower, but it only runs on files that are already broken.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from subjectpairs.curation.classes import ClassList
+from subjectpairs.errors import InputError
+from subjectpairs.storage import open_input_stream
+
+COORDINATES = ("XMin", "XMax", "YMin", "YMax")
+FLAGS = ("IsGroupOf", "IsInside")
+REQUIRED_BOX_COLUMNS = ("ImageID", "LabelName", *COORDINATES, *FLAGS)
+_BLOCK_SIZE = 4 << 20
+_FLOAT_PATTERN = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+_INT_PATTERN = r"^\s*[+-]?\d+\s*$"
+
+
+@dataclass
+class Boxes:
+    """Valid boxes as flat arrays, in file order."""
+
+    image_codes: np.ndarray  # int32 index into image_ids
+    image_ids: pa.Array  # distinct ImageIDs
+    class_index: np.ndarray  # int32 index into the class list
+    xmin: np.ndarray
+    xmax: np.ndarray
+    ymin: np.ndarray
+    ymax: np.ndarray
+    is_group: np.ndarray  # bool: IsGroupOf == 1 (unknown -1 counts as not a group)
+    is_inside: np.ndarray  # bool: IsInside == 1
+
+    def __len__(self) -> int:
+        return len(self.image_codes)
+
+
+@dataclass
+class BoxRead:
+    boxes: Boxes
+    rows: int  # data rows in the file, bad ones included
+    bad_rows: pd.DataFrame  # line, reason and the row's values as text
+
+
+BAD_ROW_COLUMNS = ("line", "reason", *REQUIRED_BOX_COLUMNS)
+
+
+def read_header(uri: str) -> list[str]:
+    with open_input_stream(uri) as stream:
+        head = stream.read(1 << 16)
+    if not head:
+        raise InputError(f"{uri}: the file is empty (expected a header line)")
+    first_line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig", errors="replace")
+    return next(csv.reader(io.StringIO(first_line)), [])
+
+
+def check_columns(uri: str, header: list[str], required: tuple[str, ...]) -> None:
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise InputError(
+            f"{uri}, line 1: missing required column(s) {', '.join(missing)}; "
+            f"the header has {', '.join(header) or 'nothing'}"
+        )
+
+
+def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxRead:
+    """Read a box file (train, validation or test format) into validated arrays.
+
+    ``on_bad_rows="error"`` raises :class:`InputError` naming the first bad line; ``"skip"`` drops bad
+    rows and returns them with their reasons.
+    """
+    check_columns(uri, read_header(uri), REQUIRED_BOX_COLUMNS)
+    try:
+        table = _read_typed(uri)
+        lines = None
+        parse_reasons = None
+    except pa.ArrowInvalid:
+        table, lines, parse_reasons, invalid = _read_as_text(uri)
+    else:
+        invalid = pd.DataFrame(columns=list(BAD_ROW_COLUMNS))
+
+    n_rows = table.num_rows + len(invalid)
+    image_codes, image_ids = dictionary_codes(table.column("ImageID"))
+    label_codes, labels = dictionary_codes(table.column("LabelName"))
+    label_to_class = pc.index_in(labels, value_set=pa.array(classes.mids, pa.string()))
+    class_of_label = label_to_class.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    class_index = class_of_label[label_codes] if len(labels) else np.full(table.num_rows, -1, np.int32)
+
+    coords = {name: _float_values(table.column(name)) for name in COORDINATES}
+    flags = {name: _flag_values(table.column(name)) for name in FLAGS}
+    empty_id = pc.equal(pc.utf8_length(image_ids), 0).to_numpy(zero_copy_only=False)[image_codes] if len(
+        image_ids) else np.zeros(table.num_rows, bool)
+
+    checks: list[tuple[str, np.ndarray]] = []
+    if parse_reasons is not None:
+        checks.append(("", parse_reasons != ""))
+    checks += [
+        ("missing ImageID", (image_codes < 0) | empty_id),
+        ("LabelName is not a MID of the class file", class_index < 0),
+    ]
+    for name in COORDINATES:
+        checks.append((f"missing {name}", np.isnan(coords[name])))
+    for name in COORDINATES:
+        checks.append((f"{name} outside [0, 1]", (coords[name] < 0) | (coords[name] > 1)))
+    checks += [
+        ("XMax <= XMin", coords["XMax"] <= coords["XMin"]),
+        ("YMax <= YMin", coords["YMax"] <= coords["YMin"]),
+    ]
+    for name in FLAGS:
+        checks.append((f"{name} is not -1, 0 or 1", ~np.isin(flags[name], (-1, 0, 1, _UNKNOWN_FLAG))))
+
+    bad = np.zeros(table.num_rows, dtype=bool)
+    for _, mask in checks:
+        bad |= mask
+    bad_frame = invalid
+    if bad.any() or len(invalid):
+        bad_frame = _describe_bad_rows(table, bad, checks, parse_reasons, lines, invalid)
+        if on_bad_rows == "error":
+            first = bad_frame.iloc[0]
+            more = len(bad_frame) - 1
+            raise InputError(
+                f"{uri}, line {first['line']}: {first['reason']}"
+                + (f" (and {more} more bad row(s))" if more else "")
+                + "; use --on-bad-rows skip to record them in bad_rows.csv and go on"
+            )
+    good = ~bad
+    boxes = Boxes(
+        image_codes=image_codes[good],
+        image_ids=image_ids,
+        class_index=class_index[good],
+        xmin=coords["XMin"][good],
+        xmax=coords["XMax"][good],
+        ymin=coords["YMin"][good],
+        ymax=coords["YMax"][good],
+        is_group=flags["IsGroupOf"][good] == 1,
+        is_inside=flags["IsInside"][good] == 1,
+    )
+    return BoxRead(boxes=boxes, rows=n_rows, bad_rows=bad_frame)
+
+
+# Flags left empty are unknown, as -1 is; a sentinel keeps them apart from parse failures.
+_UNKNOWN_FLAG = -128
+
+
+def _read_typed(uri: str) -> pa.Table:
+    column_types = {name: pa.float64() for name in COORDINATES}
+    column_types.update({name: pa.int8() for name in FLAGS})
+    column_types["ImageID"] = pa.dictionary(pa.int32(), pa.string())
+    column_types["LabelName"] = pa.dictionary(pa.int32(), pa.string())
+    with open_input_stream(uri) as stream:
+        return pacsv.read_csv(
+            stream,
+            read_options=pacsv.ReadOptions(block_size=_BLOCK_SIZE),
+            parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=list(REQUIRED_BOX_COLUMNS), column_types=column_types,
+                strings_can_be_null=False,
+            ),
+        )
+
+
+def _read_as_text(uri: str) -> tuple[pa.Table, np.ndarray, np.ndarray, pd.DataFrame]:
+    """Serial read with every column as text: exact line numbers for every problem."""
+    invalid_rows: list[tuple[int, str]] = []
+
+    def record(row: pacsv.InvalidRow) -> str:
+        invalid_rows.append((row.number, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
+        return "skip"
+
+    with open_input_stream(uri) as stream:
+        raw = pacsv.read_csv(
+            stream,
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=_BLOCK_SIZE),
+            parse_options=pacsv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=record),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=list(REQUIRED_BOX_COLUMNS),
+                column_types={name: pa.string() for name in REQUIRED_BOX_COLUMNS},
+                strings_can_be_null=False,
+            ),
+        )
+    invalid_lines = np.array([line for line, _ in invalid_rows], dtype=np.int64)
+    total = raw.num_rows + len(invalid_rows)
+    lines = np.setdiff1d(np.arange(2, total + 2, dtype=np.int64), invalid_lines, assume_unique=True)
+
+    reasons = np.full(raw.num_rows, "", dtype=object)
+    columns: dict[str, pa.Array] = {
+        "ImageID": raw.column("ImageID"),
+        "LabelName": raw.column("LabelName"),
+    }
+    for name, pattern, target in [(c, _FLOAT_PATTERN, pa.float64()) for c in COORDINATES] + [
+        (f, _INT_PATTERN, pa.int8()) for f in FLAGS
+    ]:
+        text = raw.column(name)
+        empty = pc.equal(pc.utf8_trim_whitespace(text), "")
+        well_formed = pc.or_(pc.match_substring_regex(text, pattern), empty)
+        bad = ~well_formed.to_numpy(zero_copy_only=False)
+        values = pc.if_else(pc.or_(pc.invert(well_formed), empty), pa.scalar(None, pa.string()), text)
+        if target == pa.int8():
+            # Out-of-range integers must not wrap around: go through int64 and range-check later.
+            converted = pc.cast(pc.utf8_trim_whitespace(values), pa.int64())
+            converted = pc.if_else(pc.or_(pc.less(converted, -127), pc.greater(converted, 127)),
+                                   pa.scalar(127, pa.int64()), converted)
+            columns[name] = pc.cast(converted, pa.int8())
+        else:
+            columns[name] = pc.cast(pc.utf8_trim_whitespace(values), target)
+        if bad.any():
+            shown = np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+            for i in np.flatnonzero(bad & (reasons == "")):
+                reasons[i] = f"non-numeric {name} {shown[i]!r}"
+    invalid = pd.DataFrame(
+        {"line": invalid_lines, "reason": [reason for _, reason in invalid_rows]},
+        columns=list(BAD_ROW_COLUMNS),
+    )
+    return pa.table(columns), lines, reasons, invalid
+
+
+def dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Integer codes and distinct values of a string or dictionary column (nulls become -1)."""
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column)
+    if column.num_chunks == 0:
+        return np.zeros(0, np.int32), pa.array([], pa.string())
+    column = column.unify_dictionaries()
+    values = column.chunk(0).dictionary
+    codes = np.concatenate(
+        [chunk.indices.fill_null(-1).to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    ).astype(np.int32, copy=False)
+    return codes, values
+
+
+def _float_values(column: pa.ChunkedArray) -> np.ndarray:
+    return column.to_numpy().astype(np.float64, copy=False) if column.null_count == 0 else np.asarray(
+        column.fill_null(np.nan).to_numpy(), dtype=np.float64)
+
+
+def _flag_values(column: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(column.fill_null(_UNKNOWN_FLAG).to_numpy(), dtype=np.int16)
+
+
+def _describe_bad_rows(
+    table: pa.Table,
+    bad: np.ndarray,
+    checks: list[tuple[str, np.ndarray]],
+    parse_reasons: np.ndarray | None,
+    lines: np.ndarray | None,
+    invalid: pd.DataFrame,
+) -> pd.DataFrame:
+    index = np.flatnonzero(bad)
+    reasons = np.full(len(index), "", dtype=object)
+    for reason, mask in checks:
+        hit = mask[index] & (reasons == "")
+        if reason:
+            reasons[hit] = reason
+        elif parse_reasons is not None:
+            reasons[hit] = parse_reasons[index[hit]]
+    picked = table.take(pa.array(index, pa.int64()))
+    frame = pd.DataFrame({
+        "line": (lines[index] if lines is not None else index + 2).astype(np.int64),
+        "reason": reasons,
+    })
+    for name in REQUIRED_BOX_COLUMNS:
+        column = picked.column(name)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(pa.string())
+        frame[name] = pc.cast(column, pa.string()).to_pandas().fillna("").to_numpy()
+    frame = pd.concat([frame, invalid], ignore_index=True) if len(invalid) else frame
+    return frame.sort_values("line", kind="stable").reset_index(drop=True)

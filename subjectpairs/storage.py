@@ -1,0 +1,128 @@
+"""Local paths and fsspec URIs behind one small interface.
+
+Inputs and outputs are paths or URIs (``s3://bucket/key``, ``gs://...``, ``memory://...``). Local files
+go through pyarrow's native streams (fast, GIL-free reads); everything else through fsspec.
+Outputs are staged and published together, so a failed run never leaves a partial result behind.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+import fsspec
+import pyarrow as pa
+
+from subjectpairs.errors import InputError
+
+_COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def local_path(uri: str | Path) -> Path:
+    text = str(uri)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def join(base: str | Path, *parts: str) -> str:
+    if is_remote(str(base)):
+        return posixpath.join(str(base).rstrip("/"), *parts)
+    return str(local_path(base).joinpath(*parts))
+
+
+def exists(uri: str | Path) -> bool:
+    if is_remote(str(uri)):
+        fs, path = fsspec.core.url_to_fs(str(uri))
+        return fs.exists(path)
+    return local_path(uri).exists()
+
+
+def open_input_stream(uri: str | Path) -> pa.NativeFile:
+    """A readable stream, decompressed by the file's suffix (.gz, .bz2, .zst, .lz4)."""
+    text = str(uri)
+    compression = _COMPRESSION_BY_SUFFIX.get(posixpath.splitext(text)[1].lower())
+    try:
+        if is_remote(text):
+            fs, path = fsspec.core.url_to_fs(text)
+            stream: pa.NativeFile = pa.PythonFile(fs.open(path, "rb"), mode="r")
+            return pa.CompressedInputStream(stream, compression) if compression else stream
+        return pa.input_stream(str(local_path(text)), compression=compression)
+    except FileNotFoundError as exc:
+        raise InputError(f"{text}: file not found") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"{text}: is a directory, expected a file") from exc
+    except OSError as exc:
+        if not exists(text):
+            raise InputError(f"{text}: file not found") from exc
+        raise
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    with open_input_stream(uri) as stream:
+        return stream.read()
+
+
+class StagedOutputs:
+    """Collect an output folder's files and publish them only when the whole run succeeded.
+
+    Local files are written under hidden temporary names in the destination folder (same filesystem, so
+    ``os.replace`` is atomic) and renamed at commit; object stores get one whole ``put`` per file at commit,
+    which is atomic per object. Leaving the ``with`` block by an exception removes every temporary.
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = str(out_dir)
+        self._remote = is_remote(self.out_dir)
+        self._token = uuid.uuid4().hex[:12]
+        self._staged: dict[str, str | bytes] = {}
+
+    def __enter__(self) -> StagedOutputs:
+        if not self._remote:
+            local_path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        return self
+
+    def put(self, name: str, data: bytes) -> None:
+        if self._remote:
+            self._staged[name] = data
+            return
+        tmp = local_path(self.out_dir) / f".{name}.tmp-{self._token}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._staged[name] = str(tmp)
+
+    def commit(self) -> list[str]:
+        published = []
+        if self._remote:
+            fs, root = fsspec.core.url_to_fs(self.out_dir)
+            for name, data in self._staged.items():
+                fs.pipe_file(posixpath.join(root, name), data)
+                published.append(join(self.out_dir, name))
+        else:
+            for name, tmp in self._staged.items():
+                final = local_path(self.out_dir) / name
+                os.replace(str(tmp), final)
+                published.append(str(final))
+        self._staged.clear()
+        return published
+
+    def discard(self) -> None:
+        if not self._remote:
+            for tmp in self._staged.values():
+                Path(str(tmp)).unlink(missing_ok=True)
+        self._staged.clear()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()

@@ -69,18 +69,22 @@ def group_candidates(boxes: Boxes, n_classes: int) -> Candidates:
     key = boxes.image_codes.astype(np.int64) * n_classes + boxes.class_index
     order = np.argsort(key, kind="stable")
     sorted_key = key[order]
-    starts = np.flatnonzero(np.concatenate(([True], sorted_key[1:] != sorted_key[:-1]))) if n else np.zeros(
-        0, np.int64)
+    del key
+    is_start = np.empty(n, dtype=bool)
+    is_start[:1] = True
+    np.not_equal(sorted_key[1:], sorted_key[:-1], out=is_start[1:])
+    group_of_sorted = np.cumsum(is_start) - 1
+    starts = np.flatnonzero(is_start)
     counts = np.diff(np.append(starts, n))
     group_sorted = boxes.is_group[order]
-    any_group = np.logical_or.reduceat(group_sorted, starts) if n else np.zeros(0, bool)
+    any_group = np.bincount(group_of_sorted[group_sorted], minlength=len(starts)) > 0
 
     eligible_pos = np.flatnonzero(~group_sorted & ~boxes.is_inside[order])
-    group_of_pos = np.searchsorted(starts, eligible_pos, side="right") - 1
-    first_of_group = np.flatnonzero(np.concatenate(([True], group_of_pos[1:] != group_of_pos[:-1]))) if len(
-        eligible_pos) else np.zeros(0, np.int64)
+    group_of_eligible = group_of_sorted[eligible_pos]
+    first_of_group = np.ones(len(eligible_pos), dtype=bool)
+    np.not_equal(group_of_eligible[1:], group_of_eligible[:-1], out=first_of_group[1:])
     first_eligible = np.full(len(starts), -1, dtype=np.int64)
-    first_eligible[group_of_pos[first_of_group]] = order[eligible_pos[first_of_group]]
+    first_eligible[group_of_eligible[first_of_group]] = order[eligible_pos[first_of_group]]
 
     group_key = sorted_key[starts]
     return Candidates(

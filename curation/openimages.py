@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,33 +103,33 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
     label_to_class = pc.index_in(labels, value_set=pa.array(classes.mids, pa.string()))
     class_of_label = label_to_class.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
     class_index = class_of_label[label_codes] if len(labels) else np.full(table.num_rows, -1, np.int32)
-
+    del label_codes
     coords = {name: _float_values(table.column(name)) for name in COORDINATES}
     flags = {name: _flag_values(table.column(name)) for name in FLAGS}
-    empty_id = pc.equal(pc.utf8_length(image_ids), 0).to_numpy(zero_copy_only=False)[image_codes] if len(
-        image_ids) else np.zeros(table.num_rows, bool)
+    empty_ids = np.flatnonzero(pc.equal(pc.utf8_length(image_ids), 0).to_numpy(zero_copy_only=False))
 
-    checks: list[tuple[str, np.ndarray]] = []
+    # Each check is computed when asked, so that a clean 14.6M-row file never holds all the masks at once.
+    checks: list[tuple[str, Callable[[], np.ndarray]]] = []
     if parse_reasons is not None:
-        checks.append(("", parse_reasons != ""))
+        checks.append(("", lambda: parse_reasons != ""))
     checks += [
-        ("missing ImageID", (image_codes < 0) | empty_id),
-        ("LabelName is not a MID of the class file", class_index < 0),
+        ("missing ImageID", lambda: (image_codes < 0) | np.isin(image_codes, empty_ids)),
+        ("LabelName is not a MID of the class file", lambda: class_index < 0),
     ]
     for name in COORDINATES:
-        checks.append((f"missing {name}", np.isnan(coords[name])))
+        checks.append((f"missing {name}", lambda v=coords[name]: np.isnan(v)))
     for name in COORDINATES:
-        checks.append((f"{name} outside [0, 1]", (coords[name] < 0) | (coords[name] > 1)))
+        checks.append((f"{name} outside [0, 1]", lambda v=coords[name]: (v < 0) | (v > 1)))
     checks += [
-        ("XMax <= XMin", coords["XMax"] <= coords["XMin"]),
-        ("YMax <= YMin", coords["YMax"] <= coords["YMin"]),
+        ("XMax <= XMin", lambda: coords["XMax"] <= coords["XMin"]),
+        ("YMax <= YMin", lambda: coords["YMax"] <= coords["YMin"]),
     ]
     for name in FLAGS:
-        checks.append((f"{name} is not -1, 0 or 1", ~np.isin(flags[name], (-1, 0, 1, _UNKNOWN_FLAG))))
+        checks.append((f"{name} is not -1, 0 or 1", lambda v=flags[name]: ~np.isin(v, (-1, 0, 1, _UNKNOWN_FLAG))))
 
     bad = np.zeros(table.num_rows, dtype=bool)
     for _, mask in checks:
-        bad |= mask
+        bad |= mask()
     bad_frame = invalid
     if bad.any() or len(invalid):
         bad_frame = _describe_bad_rows(table, bad, checks, parse_reasons, lines, invalid)
@@ -140,7 +141,8 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
                 + (f" (and {more} more bad row(s))" if more else "")
                 + "; use --on-bad-rows skip to record them in bad_rows.csv and go on"
             )
-    good = ~bad
+    del table
+    good = ~bad if bad.any() else slice(None)  # a clean file needs no filtered copies
     boxes = Boxes(
         image_codes=image_codes[good],
         image_ids=image_ids,
@@ -257,7 +259,7 @@ def _flag_values(column: pa.ChunkedArray) -> np.ndarray:
 def _describe_bad_rows(
     table: pa.Table,
     bad: np.ndarray,
-    checks: list[tuple[str, np.ndarray]],
+    checks: list[tuple[str, Callable[[], np.ndarray]]],
     parse_reasons: np.ndarray | None,
     lines: np.ndarray | None,
     invalid: pd.DataFrame,
@@ -265,7 +267,7 @@ def _describe_bad_rows(
     index = np.flatnonzero(bad)
     reasons = np.full(len(index), "", dtype=object)
     for reason, mask in checks:
-        hit = mask[index] & (reasons == "")
+        hit = mask()[index] & (reasons == "")
         if reason:
             reasons[hit] = reason
         elif parse_reasons is not None:

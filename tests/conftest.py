@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+
+from subjectpairs.curation.classes import ClassList, read_class_list
+from subjectpairs.curation.synthetic import EVAL_COLUMNS, TRAIN_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CLASSES = REPO.parent / "shared" / "data" / "openimages" / "class-descriptions-boxable.csv"
+
+
+@pytest.fixture(scope="session")
+def classes_csv() -> Path:
+    """The official class list that the project's shared folder carries."""
+    assert SHARED_CLASSES.exists(), f"missing {SHARED_CLASSES}"
+    return SHARED_CLASSES
+
+
+@pytest.fixture(scope="session")
+def class_list(classes_csv: Path) -> ClassList:
+    return read_class_list(str(classes_csv))
+
+
+@pytest.fixture(scope="session")
+def mid(class_list: ClassList):
+    by_name = dict(zip(class_list.names, class_list.mids))
+    return by_name.__getitem__
+
+
+def box_row(image: str, label: str, xmin=0.1, xmax=0.8, ymin=0.1, ymax=0.8, group=0, inside=0, **extra) -> dict:
+    row = {"ImageID": image, "Source": "xclick", "LabelName": label, "Confidence": "1", "XMin": xmin,
+           "XMax": xmax, "YMin": ymin, "YMax": ymax, "IsOccluded": 0, "IsTruncated": 0, "IsGroupOf": group,
+           "IsDepiction": 0, "IsInside": inside}
+    row.update({f"XClick{k}{axis}": -1 for axis in "XY" for k in range(1, 5)})
+    row.update(extra)
+    return row
+
+
+def write_boxes(path: Path, rows: list[dict], train_format: bool = True) -> Path:
+    columns = TRAIN_COLUMNS if train_format else EVAL_COLUMNS
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue())
+    return path

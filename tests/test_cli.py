@@ -1,0 +1,73 @@
+"""The command line: help for every command, the filter, clear errors, the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import box_row, write_boxes
+from subjectpairs.cli import app
+
+runner = CliRunner()
+COMMANDS = ["filter", "demo", "version"]
+
+
+@pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
+def test_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "subjectpairs"
+    done = subprocess.run([str(script), "filter", "--help"], capture_output=True, text=True, check=True)
+    assert "--zoo-dir" in done.stdout and "--duplicates" in done.stdout
+
+
+def test_filter_command(tmp_path, classes_csv, mid):
+    bbox = write_boxes(tmp_path / "boxes.csv", [box_row("a", mid("Cat")), box_row("b", mid("Man"))])
+    result = runner.invoke(app, ["filter", "--bbox", str(bbox), "--classes", str(classes_csv),
+                                 "--out", str(tmp_path / "out"), "--duplicates", "keep-first"])
+    assert result.exit_code == 0, result.output
+    assert "excluded_class" in result.output
+    funnel = json.loads((tmp_path / "out" / "funnel.json").read_text())
+    assert funnel["kept"] == 1
+
+
+def test_config_file_with_flag_override(tmp_path, classes_csv, mid):
+    bbox = write_boxes(tmp_path / "boxes.csv", [box_row("a", mid("Cat"), xmax=0.3, ymax=0.3)])  # area 0.04
+    config = tmp_path / "filter.yaml"
+    config.write_text(f"bbox: {bbox}\nclasses: {classes_csv}\nout: {tmp_path / 'out'}\nrules:\n  min_area: 0.5\n")
+    result = runner.invoke(app, ["filter", "--config", str(config), "--min-area", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "funnel.json").read_text())["kept"] == 1
+
+
+def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, classes_csv, mid):
+    bbox = write_boxes(tmp_path / "boxes.csv", [box_row("a", mid("Cat"), XMax="oops")])
+    result = runner.invoke(app, ["filter", "--bbox", str(bbox), "--classes", str(classes_csv),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "line 2: non-numeric XMax 'oops'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_invalid_option_value(tmp_path, classes_csv):
+    result = runner.invoke(app, ["filter", "--bbox", "b.csv", "--classes", str(classes_csv),
+                                 "--out", str(tmp_path), "--duplicates", "all"])
+    assert result.exit_code == 2
+    assert "rules.duplicates" in result.output
+
+
+def test_demo(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--rows", "20000"])
+    assert result.exit_code == 0, result.output
+    funnel = json.loads((tmp_path / "demo" / "candidates" / "funnel.json").read_text())
+    assert funnel["rows"] > 19_000 and 0 < funnel["kept"] < funnel["after"]["candidates"]
+    assert funnel["images"]["without_url"] == 0

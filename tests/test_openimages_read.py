@@ -1,0 +1,110 @@
+"""Reading box files: both formats, compression, and bad input that names its file and line."""
+
+from __future__ import annotations
+
+import gzip
+
+import pandas as pd
+import pytest
+
+from conftest import box_row, write_boxes
+from subjectpairs.curation.candidates import run_filter
+from subjectpairs.curation.config import FilterConfig
+from subjectpairs.curation.openimages import read_boxes
+from subjectpairs.errors import InputError
+
+
+def config(tmp_path, bbox, classes_csv, **kwargs):
+    return FilterConfig(out=str(tmp_path / "out"), bbox=str(bbox), classes=str(classes_csv), **kwargs)
+
+
+def test_validation_format_without_click_columns(tmp_path, classes_csv, class_list, mid):
+    bbox = write_boxes(tmp_path / "validation-annotations-bbox.csv",
+                       [box_row("a", mid("Cat")), box_row("b", mid("Dog"), group=1)], train_format=False)
+    assert "XClick1X" not in bbox.read_text().splitlines()[0]
+    read = read_boxes(str(bbox), class_list)
+    assert read.rows == 2 and len(read.boxes) == 2
+    assert read.boxes.is_group.tolist() == [False, True]
+
+
+def test_gzip_input(tmp_path, classes_csv, mid):
+    plain = write_boxes(tmp_path / "boxes.csv", [box_row("a", mid("Cat"))])
+    packed = tmp_path / "boxes.csv.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    report = run_filter(config(tmp_path, packed, classes_csv))
+    assert report.candidates.image_id.tolist() == ["a"]
+
+
+def test_missing_column_names_the_file_and_the_column(tmp_path, classes_csv, mid):
+    bbox = tmp_path / "boxes.csv"
+    bbox.write_text(f"ImageID,LabelName,XMin,XMax,YMin,IsGroupOf,IsInside\na,{mid('Cat')},0,1,0,0,0\n")
+    with pytest.raises(InputError, match=r"boxes\.csv, line 1: missing required column\(s\) YMax"):
+        run_filter(config(tmp_path, bbox, classes_csv))
+
+
+def test_empty_file(tmp_path, classes_csv):
+    bbox = tmp_path / "boxes.csv"
+    bbox.write_text("")
+    with pytest.raises(InputError, match="empty"):
+        run_filter(config(tmp_path, bbox, classes_csv))
+
+
+@pytest.mark.parametrize("bad,line_text", [
+    (dict(XMin="abc"), "non-numeric XMin 'abc'"),
+    (dict(XMin=0.5, XMax=0.5), "XMax <= XMin"),
+    (dict(YMin=0.6, YMax=0.2), "YMax <= YMin"),
+    (dict(XMax=1.5), "XMax outside"),
+    (dict(LabelName="/m/notaclass"), "LabelName is not a MID of the class file"),
+    (dict(IsGroupOf=7), "IsGroupOf is not -1, 0 or 1"),
+    (dict(IsInside="yes"), "non-numeric IsInside 'yes'"),
+    (dict(XMin=""), "missing XMin"),
+])
+def test_bad_row_is_an_error_naming_file_and_line(tmp_path, classes_csv, mid, bad, line_text):
+    rows = [box_row("a", mid("Cat")), box_row("b", mid("Dog")), box_row("c", mid("Cat")) | bad]
+    bbox = write_boxes(tmp_path / "boxes.csv", rows)
+    with pytest.raises(InputError) as caught:
+        run_filter(config(tmp_path, bbox, classes_csv))
+    message = str(caught.value)
+    assert message.startswith(f"{bbox}, line 4: ")
+    assert line_text in message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_wrong_field_count_names_the_line(tmp_path, classes_csv, mid):
+    bbox = write_boxes(tmp_path / "boxes.csv", [box_row("a", mid("Cat")), box_row("b", mid("Cat"))])
+    lines = bbox.read_text().splitlines()
+    lines.insert(2, "truncated,row")
+    bbox.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"line 3: expected 21 fields, got 2"):
+        run_filter(config(tmp_path, bbox, classes_csv))
+
+
+def test_skip_records_every_bad_row_and_keeps_the_rest(tmp_path, classes_csv, mid):
+    rows = [
+        box_row("good1", mid("Cat")),
+        box_row("bad1", mid("Cat"), XMin="x"),  # line 3
+        box_row("good2", mid("Dog")),
+        box_row("bad2", mid("Dog"), XMin=0.9, XMax=0.1),  # line 5
+        box_row("bad3", "/m/zzz"),  # line 6
+        box_row("good3", mid("Car")),
+    ]
+    bbox = write_boxes(tmp_path / "boxes.csv", rows)
+    text = bbox.read_text().splitlines()
+    text.insert(7, "short,row")  # line 8
+    text.insert(8, "")  # line 9: an empty line is a bad row too, not silently skipped
+    bbox.write_text("\n".join(text) + "\n")
+    report = run_filter(config(tmp_path, bbox, classes_csv, on_bad_rows="skip"))
+    assert set(report.candidates.image_id) == {"good1", "good2", "good3"}
+    bad = pd.read_csv(tmp_path / "out" / "bad_rows.csv", keep_default_na=False)
+    assert bad.line.tolist() == [3, 5, 6, 8, 9]
+    assert bad.reason.tolist() == ["non-numeric XMin 'x'", "XMax <= XMin", "LabelName is not a MID of the class file",
+                                   "expected 21 fields, got 2", "missing ImageID"]
+    assert bad.ImageID.tolist()[:3] == ["bad1", "bad2", "bad3"]
+    assert report.funnel["rows"] == 8 and report.funnel["bad_rows"] == 5 and report.funnel["boxes"] == 3
+
+
+def test_skip_on_a_clean_file_writes_an_empty_bad_rows_table(tmp_path, classes_csv, mid):
+    bbox = write_boxes(tmp_path / "boxes.csv", [box_row("a", mid("Cat"))])
+    run_filter(config(tmp_path, bbox, classes_csv, on_bad_rows="skip"))
+    bad = pd.read_csv(tmp_path / "out" / "bad_rows.csv")
+    assert len(bad) == 0 and list(bad.columns)[:2] == ["line", "reason"]

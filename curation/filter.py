@@ -36,7 +36,7 @@ class Candidates:
     box_row: np.ndarray  # index into Boxes of the representative box, -1 if none survives
     box_count: np.ndarray
     any_group: np.ndarray
-    first_eligible_row: np.ndarray  # first box in file order that is neither group nor inside, or -1
+    first_eligible_row: np.ndarray  # first box that is neither group nor inside, -1 if none (or not asked)
 
     def __len__(self) -> int:
         return len(self.image_codes)
@@ -59,11 +59,12 @@ class FilterResult:
     steps: list[FunnelStep] = field(default_factory=list)
 
 
-def group_candidates(boxes: Boxes, n_classes: int) -> Candidates:
+def group_candidates(boxes: Boxes, n_classes: int, first_eligible: bool = True) -> Candidates:
     """Group boxes by (image, class).
 
     A stable sort on one int64 key keeps file order inside each group, so the first row of a group is the
     first box in the file. OpenImages files list an image's boxes together, which the sort exploits (runs).
+    ``first_eligible`` also finds each group's first box that is neither group nor inside (keep-first).
     """
     n = len(boxes)
     key = boxes.image_codes.astype(np.int64) * n_classes + boxes.class_index
@@ -73,27 +74,27 @@ def group_candidates(boxes: Boxes, n_classes: int) -> Candidates:
     is_start = np.empty(n, dtype=bool)
     is_start[:1] = True
     np.not_equal(sorted_key[1:], sorted_key[:-1], out=is_start[1:])
-    group_of_sorted = np.cumsum(is_start) - 1
     starts = np.flatnonzero(is_start)
-    counts = np.diff(np.append(starts, n))
-    group_sorted = boxes.is_group[order]
-    any_group = np.bincount(group_of_sorted[group_sorted], minlength=len(starts)) > 0
-
-    eligible_pos = np.flatnonzero(~group_sorted & ~boxes.is_inside[order])
-    group_of_eligible = group_of_sorted[eligible_pos]
-    first_of_group = np.ones(len(eligible_pos), dtype=bool)
-    np.not_equal(group_of_eligible[1:], group_of_eligible[:-1], out=first_of_group[1:])
-    first_eligible = np.full(len(starts), -1, dtype=np.int64)
-    first_eligible[group_of_eligible[first_of_group]] = order[eligible_pos[first_of_group]]
-
     group_key = sorted_key[starts]
+    del sorted_key
+    group_sorted = boxes.is_group[order]
+    any_group = np.logical_or.reduceat(group_sorted, starts) if n else np.zeros(0, bool)
+
+    first_eligible_row = np.full(len(starts), -1, dtype=np.int64)
+    if first_eligible:
+        eligible_pos = np.flatnonzero(~group_sorted & ~boxes.is_inside[order])
+        group_of_eligible = (np.cumsum(is_start, dtype=np.int32) - 1)[eligible_pos]
+        first_of_group = np.ones(len(eligible_pos), dtype=bool)
+        np.not_equal(group_of_eligible[1:], group_of_eligible[:-1], out=first_of_group[1:])
+        first_eligible_row[group_of_eligible[first_of_group]] = order[eligible_pos[first_of_group]]
+
     return Candidates(
         image_codes=(group_key // n_classes).astype(np.int32),
         class_index=(group_key % n_classes).astype(np.int32),
         box_row=order[starts].astype(np.int64),
-        box_count=counts,
+        box_count=np.diff(np.append(starts, n)),
         any_group=any_group,
-        first_eligible_row=first_eligible,
+        first_eligible_row=first_eligible_row,
     )
 
 
@@ -134,7 +135,7 @@ def keep_area(candidates: Candidates, boxes: Boxes, min_area: float, max_area: f
 
 
 def apply_rules(boxes: Boxes, classes: ClassList, rules: FilterRules) -> FilterResult:
-    candidates = group_candidates(boxes, len(classes))
+    candidates = group_candidates(boxes, len(classes), first_eligible=rules.duplicates == "keep-first")
     steps = [FunnelStep("candidates", len(candidates), 0)]
 
     def step(rule: str, keep: np.ndarray) -> None:

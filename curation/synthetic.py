@@ -122,10 +122,10 @@ def generate_boxes(
     return pa.table({name: columns[name] for name in names})
 
 
-def random_image_ids(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Unique 16-hex-digit ids like OpenImages' ("000002b66c9c498e")."""
-    raw = np.unique(rng.integers(0, 2**63 - 1, size=int(n * 1.01) + 16, dtype=np.int64))
-    raw = rng.permutation(raw)[:n]
+def random_image_ids(rng: np.random.Generator, n: int, low: int = 0, high: int = 2**63 - 1) -> np.ndarray:
+    """Unique 16-hex-digit ids like OpenImages' ("000002b66c9c498e"), in ascending order as in the files."""
+    raw = np.unique(rng.integers(low, high, size=int(n * 1.01) + 16, dtype=np.int64))
+    raw = np.sort(rng.choice(raw, size=min(n, len(raw)), replace=False))
     return np.array([f"{v:016x}" for v in raw], dtype=object)
 
 
@@ -147,8 +147,12 @@ def write_bbox_csv(
     with open(path, "wb") as handle:
         handle.write((",".join(TRAIN_COLUMNS if with_clicks else EVAL_COLUMNS) + "\n").encode())
         writer = None
-        for start in range(0, n_images, chunk_images):
-            table = generate_boxes(min(chunk_images, n_images - start), classes, rng, spec, with_clicks)
+        n_chunks = -(-n_images // chunk_images)
+        for k, start in enumerate(range(0, n_images, chunk_images)):
+            count = min(chunk_images, n_images - start)
+            span = (2**63 - 1) // n_chunks  # each chunk draws from its own id range: the file stays sorted
+            ids = random_image_ids(rng, count, k * span, (k + 1) * span)
+            table = generate_boxes(count, classes, rng, spec, with_clicks, image_ids=ids)
             if writer is None:
                 writer = pacsv.CSVWriter(handle, table.schema, write_options=options)
             writer.write_table(table)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import gzip
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from conftest import box_row, write_boxes
 from subjectpairs.curation.candidates import run_filter
 from subjectpairs.curation.config import FilterConfig
-from subjectpairs.curation.openimages import read_boxes
+from subjectpairs.curation.openimages import dictionary_codes, read_boxes
 from subjectpairs.errors import InputError
 
 
@@ -108,3 +109,20 @@ def test_skip_on_a_clean_file_writes_an_empty_bad_rows_table(tmp_path, classes_c
     run_filter(config(tmp_path, bbox, classes_csv, on_bad_rows="skip"))
     bad = pd.read_csv(tmp_path / "out" / "bad_rows.csv")
     assert len(bad) == 0 and list(bad.columns)[:2] == ["line", "reason"]
+
+
+def _blocks(*blocks):
+    return pa.chunked_array([pa.array(block, pa.string()).dictionary_encode() for block in blocks])
+
+
+@pytest.mark.parametrize("blocks", [
+    (["a", "a", "b"], ["b", "c"], ["d"]),  # sorted, one value across a block boundary: the fast path
+    (["b", "a"], ["c"]),  # unsorted inside a block
+    (["c", "d"], ["a", "c"]),  # unsorted across blocks, a value repeated far apart
+    (["a"], [], ["a", "a"]),
+])
+def test_dictionary_codes_agree_with_the_values(blocks):
+    codes, values = dictionary_codes(_blocks(*blocks))
+    flat = [v for block in blocks for v in block]
+    assert values.take(pa.array(codes)).to_pylist() == flat
+    assert len(set(values.to_pylist())) == len(values)  # one code per distinct value

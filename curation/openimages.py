@@ -214,22 +214,12 @@ def _read_as_text(uri: str) -> tuple[pa.Table, np.ndarray, np.ndarray, pd.DataFr
         "ImageID": raw.column("ImageID"),
         "LabelName": raw.column("LabelName"),
     }
-    for name, pattern, target in [(c, _FLOAT_PATTERN, pa.float64()) for c in COORDINATES] + [
-        (f, _INT_PATTERN, pa.int8()) for f in FLAGS
-    ]:
+    for name in (*COORDINATES, *FLAGS):
         text = raw.column(name)
-        empty = pc.equal(pc.utf8_trim_whitespace(text), "")
-        well_formed = pc.or_(pc.match_substring_regex(text, pattern), empty)
-        bad = ~well_formed.to_numpy(zero_copy_only=False)
-        values = pc.if_else(pc.or_(pc.invert(well_formed), empty), pa.scalar(None, pa.string()), text)
-        if target == pa.int8():
-            # Out-of-range integers must not wrap around: go through int64 and range-check later.
-            converted = pc.cast(pc.utf8_trim_whitespace(values), pa.int64())
-            converted = pc.if_else(pc.or_(pc.less(converted, -127), pc.greater(converted, 127)),
-                                   pa.scalar(127, pa.int64()), converted)
-            columns[name] = pc.cast(converted, pa.int8())
-        else:
-            columns[name] = pc.cast(pc.utf8_trim_whitespace(values), target)
+        parsed = [_parse_numbers(chunk, name in FLAGS) for chunk in text.chunks]
+        columns[name] = pa.chunked_array([values for values, _ in parsed],
+                                         pa.int8() if name in FLAGS else pa.float64())
+        bad = np.concatenate([mask for _, mask in parsed]) if parsed else np.zeros(0, bool)
         if bad.any():
             shown = np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
             for i in np.flatnonzero(bad & (reasons == "")):
@@ -239,6 +229,29 @@ def _read_as_text(uri: str) -> tuple[pa.Table, np.ndarray, np.ndarray, pd.DataFr
         columns=list(BAD_ROW_COLUMNS),
     )
     return pa.table(columns), lines, reasons, invalid
+
+
+def _parse_numbers(text: pa.Array, integer: bool) -> tuple[pa.Array, np.ndarray]:
+    """Numbers from text, null where empty; the mask marks text that is not a number.
+
+    A block that casts cleanly needs no per-value check; only a block with a bad value pays for the regex.
+    """
+    target = pa.int64() if integer else pa.float64()
+    trimmed = pc.utf8_trim_whitespace(text)
+    empty = pc.equal(trimmed, "")
+    blanked = pc.if_else(empty, pa.scalar(None, pa.string()), trimmed)
+    try:
+        values = pc.cast(blanked, target)
+        bad = np.zeros(len(text), dtype=bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        well_formed = pc.match_substring_regex(blanked, _INT_PATTERN if integer else _FLOAT_PATTERN)
+        bad = (~well_formed.fill_null(True).to_numpy(zero_copy_only=False)).astype(bool)
+        values = pc.cast(pc.if_else(well_formed, blanked, pa.scalar(None, pa.string())), target)
+    if integer:
+        # Out-of-range integers must not wrap around in int8: clamp to a value the flag check rejects.
+        values = pc.cast(pc.if_else(pc.or_(pc.less(values, -127), pc.greater(values, 127)),
+                                    pa.scalar(127, pa.int64()), values), pa.int8())
+    return values, bad
 
 
 def dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -264,12 +277,14 @@ def dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
         merged = pc.dictionary_encode(dictionaries)
         global_code = merged.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
         values = merged.dictionary
-    offsets = np.cumsum([0] + [len(chunk.dictionary) for chunk in chunks[:-1]])
-    local = np.concatenate([
-        chunk.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False) + np.int32(offset)
-        for chunk, offset in zip(chunks, offsets)
-    ])
-    return global_code[local], values
+    codes = np.empty(sum(len(chunk) for chunk in chunks), dtype=np.int32)
+    row = dictionary_start = 0
+    for chunk in chunks:
+        block_codes = global_code[dictionary_start:dictionary_start + len(chunk.dictionary)]
+        np.take(block_codes, chunk.indices.to_numpy(zero_copy_only=False), out=codes[row:row + len(chunk)])
+        row += len(chunk)
+        dictionary_start += len(chunk.dictionary)
+    return codes, values
 
 
 def _sorted_blocks(chunks: list[pa.DictionaryArray], dictionaries: pa.Array) -> bool:
@@ -284,12 +299,25 @@ def _sorted_blocks(chunks: list[pa.DictionaryArray], dictionaries: pa.Array) -> 
 
 
 def _float_values(column: pa.ChunkedArray) -> np.ndarray:
-    return column.to_numpy().astype(np.float64, copy=False) if column.null_count == 0 else np.asarray(
-        column.fill_null(np.nan).to_numpy(), dtype=np.float64)
+    """float64 values with NaN for missing ones."""
+    return _to_numpy(column, np.float64, np.nan)
 
 
 def _flag_values(column: pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(column.fill_null(_UNKNOWN_FLAG).to_numpy(), dtype=np.int16)
+    """int16 flags, with a sentinel for empty (unknown) ones."""
+    return _to_numpy(column, np.int16, _UNKNOWN_FLAG)
+
+
+def _to_numpy(column: pa.ChunkedArray, dtype: type, fill: float) -> np.ndarray:
+    # Filling one preallocated array chunk by chunk avoids the concatenated intermediate copy.
+    out = np.empty(len(column), dtype=dtype)
+    row = 0
+    for chunk in column.chunks:
+        if chunk.null_count:
+            chunk = chunk.fill_null(fill)
+        out[row:row + len(chunk)] = chunk.to_numpy(zero_copy_only=False)
+        row += len(chunk)
+    return out
 
 
 def _describe_bad_rows(

@@ -126,3 +126,13 @@ def test_dictionary_codes_agree_with_the_values(blocks):
     flat = [v for block in blocks for v in block]
     assert values.take(pa.array(codes)).to_pylist() == flat
     assert len(set(values.to_pylist())) == len(values)  # one code per distinct value
+
+
+def test_bom_and_windows_line_endings(tmp_path, classes_csv, mid):
+    plain = write_boxes(tmp_path / "boxes.csv", [box_row("a", mid("Cat")), box_row("b", mid("Dog"), XMax="x")])
+    windows = tmp_path / "windows.csv"
+    windows.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes().replace(b"\n", b"\r\n"))
+    with pytest.raises(InputError, match=r"line 3: non-numeric XMax 'x'"):
+        run_filter(config(tmp_path, windows, classes_csv))
+    report = run_filter(config(tmp_path, windows, classes_csv, on_bad_rows="skip"))
+    assert report.candidates.image_id.tolist() == ["a"]

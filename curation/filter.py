@@ -114,10 +114,8 @@ def keep_outside(candidates: Candidates, boxes: Boxes) -> np.ndarray:
 
 
 def box_shape(candidates: Candidates, boxes: Boxes) -> tuple[np.ndarray, np.ndarray]:
-    rows = candidates.box_row
-    width = boxes.xmax[rows] - boxes.xmin[rows]
-    height = boxes.ymax[rows] - boxes.ymin[rows]
-    return width, height
+    xmin, xmax, ymin, ymax = boxes.corners(candidates.box_row)
+    return xmax - xmin, ymax - ymin
 
 
 def aspect_of(width: np.ndarray, height: np.ndarray) -> np.ndarray:
@@ -160,8 +158,8 @@ def apply_rules(boxes: Boxes, classes: ClassList, rules: FilterRules) -> FilterR
 def candidate_table(result: FilterResult, classes: ClassList) -> pd.DataFrame:
     """The kept candidates as a table sorted by (image_id, label_mid), so downstream order is fixed."""
     kept, boxes = result.kept, result.boxes
-    rows = kept.box_row
-    width, height = box_shape(kept, boxes)
+    xmin, xmax, ymin, ymax = boxes.corners(kept.box_row)
+    width, height = xmax - xmin, ymax - ymin
     mids = np.asarray(classes.mids, dtype=object)
     names = np.asarray(classes.names, dtype=object)
     image_ids = np.asarray(boxes.image_ids.take(pa.array(kept.image_codes)).to_pylist(), dtype=object)
@@ -169,10 +167,10 @@ def candidate_table(result: FilterResult, classes: ClassList) -> pd.DataFrame:
         "image_id": pd.array(image_ids, dtype="string"),
         "label_mid": pd.array(mids[kept.class_index], dtype="string"),
         "category": pd.array(names[kept.class_index], dtype="string"),
-        "xmin": boxes.xmin[rows],
-        "xmax": boxes.xmax[rows],
-        "ymin": boxes.ymin[rows],
-        "ymax": boxes.ymax[rows],
+        "xmin": xmin,
+        "xmax": xmax,
+        "ymin": ymin,
+        "ymax": ymax,
         "area": width * height,
         "aspect": aspect_of(width, height),
         "box_count": kept.box_count.astype(np.int32),

@@ -35,22 +35,65 @@ _FLOAT_PATTERN = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 _INT_PATTERN = r"^\s*[+-]?\d+\s*$"
 
 
+class BlockColumn:
+    """A numeric column left in the CSV reader's blocks, seen through zero-copy numpy views.
+
+    Concatenating four float64 columns of the train file would write 470 MB only to read most of it once;
+    checks run block by block instead, and ``take`` gathers the few rows that later stages need.
+    """
+
+    def __init__(self, column: pa.ChunkedArray, fill: float):
+        self.blocks = [
+            (chunk.fill_null(fill) if chunk.null_count else chunk).to_numpy(zero_copy_only=False)
+            for chunk in column.chunks if len(chunk)
+        ]
+        self.starts = np.cumsum([0] + [len(block) for block in self.blocks])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def map(self, function: Callable[[np.ndarray], np.ndarray], dtype: type = bool) -> np.ndarray:
+        out = np.empty(len(self), dtype=dtype)
+        for start, block in zip(self.starts, self.blocks):
+            out[start:start + len(block)] = function(block)
+        return out
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        dtype = self.blocks[0].dtype if self.blocks else np.float64
+        out = np.empty(len(rows), dtype=dtype)
+        block_of_row = np.searchsorted(self.starts, rows, side="right") - 1
+        # Rows grouped by block with a radix sort (block numbers are small integers), then one numpy
+        # gather per block.
+        order = np.argsort(block_of_row.astype(np.int16 if len(self.blocks) < 2**15 else np.int64),
+                           kind="stable")
+        bounds = np.searchsorted(block_of_row[order], np.arange(len(self.blocks) + 1))
+        for index, block in enumerate(self.blocks):
+            picked = order[bounds[index]:bounds[index + 1]]
+            if len(picked):
+                out[picked] = block[rows[picked] - self.starts[index]]
+        return out
+
+
 @dataclass
 class Boxes:
-    """Valid boxes as flat arrays, in file order."""
+    """Valid boxes in file order: ids as integer codes, flags as booleans, corners kept in blocks."""
 
     image_codes: np.ndarray  # int32 index into image_ids
     image_ids: pa.Array  # distinct ImageIDs
     class_index: np.ndarray  # int32 index into the class list
-    xmin: np.ndarray
-    xmax: np.ndarray
-    ymin: np.ndarray
-    ymax: np.ndarray
     is_group: np.ndarray  # bool: IsGroupOf == 1 (unknown -1 counts as not a group)
     is_inside: np.ndarray  # bool: IsInside == 1
+    coordinates: dict[str, BlockColumn]  # XMin, XMax, YMin, YMax by file row
+    file_row: np.ndarray | None = None  # file row of each valid box; None when every row is valid
 
     def __len__(self) -> int:
         return len(self.image_codes)
+
+    def corners(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """xmin, xmax, ymin, ymax of the given boxes."""
+        rows = boxes if self.file_row is None else self.file_row[boxes]
+        xmin, xmax, ymin, ymax = (self.coordinates[name].take(rows) for name in COORDINATES)
+        return xmin, xmax, ymin, ymax
 
 
 @dataclass
@@ -103,31 +146,36 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
     image_codes, image_ids = dictionary_codes(table.column("ImageID"))
     label_codes, labels = dictionary_codes(table.column("LabelName"))
     table = table.drop_columns(["ImageID", "LabelName"])
-    values: dict[str, np.ndarray] = {}
-    for name in (*COORDINATES, *FLAGS):
-        values[name] = _float_values(table.column(name)) if name in COORDINATES else _flag_values(
-            table.column(name))
-        table = table.drop_columns([name])
-    del table
+    coordinates = {name: BlockColumn(table.column(name), np.nan) for name in COORDINATES}
+    flags = {name: BlockColumn(table.column(name), _UNKNOWN_FLAG) for name in FLAGS}
     label_to_class = pc.index_in(labels, value_set=pa.array(classes.mids, pa.string()))
     class_of_label = label_to_class.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
     class_index = class_of_label[label_codes] if len(labels) else np.full(len(label_codes), -1, np.int32)
     empty_ids = np.flatnonzero(pc.equal(pc.utf8_length(image_ids), 0).to_numpy(zero_copy_only=False))
-    xmin, xmax, ymin, ymax = (values[name] for name in COORDINATES)
 
-    # One fused pass decides whether anything is wrong (comparisons with NaN are false, so missing values
-    # fail it too); the per-reason checks below only run on files that have bad rows.
-    good = (xmin >= 0) & (xmax <= 1) & (xmax > xmin) & (ymin >= 0) & (ymax <= 1) & (ymax > ymin)
+    # One fused pass per block decides whether anything is wrong (comparisons with NaN are false, so
+    # missing values fail it too); the per-reason checks below only run on files that have bad rows.
+    good = coordinates["XMin"].map(lambda v: v >= 0)
+    good &= coordinates["YMin"].map(lambda v: v >= 0)
+    good &= coordinates["XMax"].map(lambda v: v <= 1)
+    good &= coordinates["YMax"].map(lambda v: v <= 1)
+    for low, high in (("XMin", "XMax"), ("YMin", "YMax")):
+        for start, lo, hi in zip(coordinates[low].starts, coordinates[low].blocks, coordinates[high].blocks):
+            good[start:start + len(lo)] &= hi > lo
     good &= class_index >= 0
     if len(empty_ids) or (image_codes < 0).any():
         good &= (image_codes >= 0) & ~np.isin(image_codes, empty_ids)
     for name in FLAGS:
-        good &= ((values[name] >= -1) & (values[name] <= 1)) | (values[name] == _UNKNOWN_FLAG)
+        good &= flags[name].map(lambda v: ((v >= -1) & (v <= 1)) | (v == _UNKNOWN_FLAG))
     if parse_reasons is not None:
         good &= parse_reasons == ""
 
     bad_frame = invalid
-    if not good.all() or len(invalid):
+    all_good = bool(good.all())
+    if not all_good or len(invalid):
+        values = {name: column.map(lambda v: v, np.float64) for name, column in coordinates.items()}
+        values.update({name: column.map(lambda v: v, np.int16) for name, column in flags.items()})
+        xmin, xmax, ymin, ymax = (values[name] for name in COORDINATES)
         checks: list[tuple[str, Callable[[], np.ndarray]]] = []
         if parse_reasons is not None:
             checks.append(("", lambda: parse_reasons != ""))
@@ -142,6 +190,7 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
                    for name in FLAGS]
         shown = {"ImageID": (image_ids, image_codes), "LabelName": (labels, label_codes)}
         bad_frame = _describe_bad_rows(~good, checks, parse_reasons, lines, invalid, shown, values)
+        del values, xmin, xmax, ymin, ymax
         if on_bad_rows == "error":
             first = bad_frame.iloc[0]
             more = len(bad_frame) - 1
@@ -150,17 +199,15 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
                 + (f" (and {more} more bad row(s))" if more else "")
                 + "; use --on-bad-rows skip to record them in bad_rows.csv and go on"
             )
-    keep = slice(None) if good.all() else good  # a clean file needs no filtered copies
+    keep = slice(None) if all_good else good  # a clean file needs no filtered copies
     boxes = Boxes(
         image_codes=image_codes[keep],
         image_ids=image_ids,
         class_index=class_index[keep],
-        xmin=xmin[keep],
-        xmax=xmax[keep],
-        ymin=ymin[keep],
-        ymax=ymax[keep],
-        is_group=values["IsGroupOf"][keep] == 1,
-        is_inside=values["IsInside"][keep] == 1,
+        is_group=flags["IsGroupOf"].map(lambda v: v == 1)[keep],
+        is_inside=flags["IsInside"].map(lambda v: v == 1)[keep],
+        coordinates=coordinates,
+        file_row=None if all_good else np.flatnonzero(good),
     )
     return BoxRead(boxes=boxes, rows=n_rows, bad_rows=bad_frame)
 
@@ -296,28 +343,6 @@ def _sorted_blocks(chunks: list[pa.DictionaryArray], dictionaries: pa.Array) -> 
         if len(chunk) > 1 and pc.any(pc.less(chunk.indices[1:], chunk.indices[:-1])).as_py():
             return False
     return True
-
-
-def _float_values(column: pa.ChunkedArray) -> np.ndarray:
-    """float64 values with NaN for missing ones."""
-    return _to_numpy(column, np.float64, np.nan)
-
-
-def _flag_values(column: pa.ChunkedArray) -> np.ndarray:
-    """int16 flags, with a sentinel for empty (unknown) ones."""
-    return _to_numpy(column, np.int16, _UNKNOWN_FLAG)
-
-
-def _to_numpy(column: pa.ChunkedArray, dtype: type, fill: float) -> np.ndarray:
-    # Filling one preallocated array chunk by chunk avoids the concatenated intermediate copy.
-    out = np.empty(len(column), dtype=dtype)
-    row = 0
-    for chunk in column.chunks:
-        if chunk.null_count:
-            chunk = chunk.fill_null(fill)
-        out[row:row + len(chunk)] = chunk.to_numpy(zero_copy_only=False)
-        row += len(chunk)
-    return out
 
 
 def _describe_bad_rows(

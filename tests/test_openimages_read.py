@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from conftest import box_row, write_boxes
 from subjectpairs.curation.candidates import run_filter
 from subjectpairs.curation.config import FilterConfig
-from subjectpairs.curation.openimages import dictionary_codes, read_boxes
+from subjectpairs.curation.openimages import BlockColumn, dictionary_codes, read_boxes
 from subjectpairs.errors import InputError
 
 
@@ -136,3 +137,22 @@ def test_bom_and_windows_line_endings(tmp_path, classes_csv, mid):
         run_filter(config(tmp_path, windows, classes_csv))
     report = run_filter(config(tmp_path, windows, classes_csv, on_bad_rows="skip"))
     assert report.candidates.image_id.tolist() == ["a"]
+
+
+def test_block_column_take_and_map_match_a_concatenated_array():
+    rng = np.random.default_rng(0)
+    blocks = [rng.random(n) for n in (5, 1, 7, 3)]
+    column = BlockColumn(pa.chunked_array([pa.array(b) for b in blocks] + [pa.array([None, 0.5])]), np.nan)
+    flat = np.concatenate(blocks + [np.array([np.nan, 0.5])])
+    rows = rng.integers(0, len(flat), size=50)
+    np.testing.assert_array_equal(column.take(rows), flat[rows])
+    np.testing.assert_array_equal(column.map(lambda v: v > 0.5), flat > 0.5)
+    assert len(column.take(np.zeros(0, np.int64))) == 0
+
+
+def test_kept_boxes_keep_their_coordinates_when_bad_rows_are_skipped(tmp_path, classes_csv, mid):
+    rows = [box_row("bad", mid("Cat"), XMin="?"), box_row("good", mid("Cat"), xmin=0.11, xmax=0.77, ymin=0.22,
+                                                            ymax=0.88)]
+    bbox = write_boxes(tmp_path / "boxes.csv", rows)
+    report = run_filter(config(tmp_path, bbox, classes_csv, on_bad_rows="skip"))
+    assert report.candidates[["xmin", "xmax", "ymin", "ymax"]].values.tolist() == [[0.11, 0.77, 0.22, 0.88]]

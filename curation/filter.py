@@ -16,7 +16,7 @@ Flags count only when they are 1; -1 (unknown) never drops a box.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -147,7 +147,7 @@ def apply_rules(boxes: Boxes, classes: ClassList, rules: FilterRules) -> FilterR
     )
     step("excluded_class", keep_not_excluded(candidates, excluded))
     keep, box_row = keep_single_subject(candidates, rules.duplicates)
-    candidates.box_row = box_row
+    candidates = replace(candidates, box_row=box_row)
     step("group", keep)
     step("inside", keep_outside(candidates, boxes))
     step("aspect", keep_aspect(candidates, boxes, rules.max_aspect))

@@ -141,8 +141,8 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
         invalid = pd.DataFrame(columns=list(BAD_ROW_COLUMNS))
 
     n_rows = table.num_rows + len(invalid)
-    # Columns move into numpy one at a time and leave the Arrow table at once, so the peak stays near
-    # the size of the parsed table instead of twice it.
+    # The id columns become integer codes and leave the table; the numeric columns stay in the reader's
+    # blocks (BlockColumn), so the peak stays near the size of the parsed table.
     image_codes, image_ids = dictionary_codes(table.column("ImageID"))
     label_codes, labels = dictionary_codes(table.column("LabelName"))
     table = table.drop_columns(["ImageID", "LabelName"])

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import yaml
 
 from subjectpairs import __version__
+from subjectpairs.configfile import config_yaml
 from subjectpairs.curation.classes import read_class_list
 from subjectpairs.curation.config import FilterConfig
 from subjectpairs.curation.filter import FunnelStep, apply_rules, candidate_table
@@ -85,16 +85,11 @@ def run_filter(config: FilterConfig) -> FilterReport:
     with StagedOutputs(config.out) as outputs:
         outputs.put(CANDIDATES_FILE, parquet_bytes(table))
         outputs.put(FUNNEL_FILE, (json.dumps(funnel, indent=2) + "\n").encode())
-        outputs.put(CONFIG_FILE, config_yaml(config))
+        outputs.put(CONFIG_FILE, config_yaml(config, "filter"))
         if config.on_bad_rows == "skip":
             outputs.put(BAD_ROWS_FILE, read.bad_rows.to_csv(index=False).encode())
     files = [join(config.out, name) for name in (CANDIDATES_FILE, FUNNEL_FILE, CONFIG_FILE)]
     return FilterReport(out_dir=config.out, candidates=table, funnel=funnel, files=files)
-
-
-def config_yaml(config: FilterConfig) -> bytes:
-    header = f"# subjectpairs {__version__} filter configuration; rerun with: subjectpairs filter --config THIS\n"
-    return (header + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)).encode()
 
 
 def parquet_bytes(table: pd.DataFrame) -> bytes:

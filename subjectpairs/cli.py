@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -102,6 +103,65 @@ def filter_command(
         raise _fail(str(exc)) from exc
     console.print(funnel_table(report.funnel))
     console.print(f"{report.funnel['kept']:,} candidates in {report.funnel['seconds']:.1f} s -> {report.out_dir}")
+
+
+@app.command("pair")
+def pair_command(
+    image: Annotated[str, typer.Argument(help="Photo path or URI.")],
+    category: Annotated[str, typer.Option(help="Subject class name, e.g. 'Dog' (the CLIPSeg prompt).")],
+    out: Annotated[str, typer.Option(help="Output folder or URI for the pair.")],
+    box: Annotated[
+        Optional[str], typer.Option(help="Subject box XMIN,XMAX,YMIN,YMAX normalized as in OpenImages.")
+    ] = None,
+    trimap: Annotated[Optional[str], typer.Option(help="Use this trimap (gray PNG) instead of segmenting.")] = None,
+    background: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Background image, folder of images, or list file; repeatable. Default: generated."),
+    ] = None,
+    segmenter: Annotated[Optional[str], typer.Option(help="auto, clipseg or grabcut.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="CLIPSeg hub id or local folder.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Short side of the pair (never upscaled).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the background choice and crop.")] = None,
+    low: Annotated[Optional[float], typer.Option(help="Normalized map at or below this is background.")] = None,
+    high: Annotated[Optional[float], typer.Option(help="Normalized map above this is foreground.")] = None,
+    box_gate: Annotated[
+        Optional[bool], typer.Option("--box-gate/--no-box-gate", help="Zero the map outside the padded box.")
+    ] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config; flags override its keys.")] = None,
+) -> None:
+    """Build one training pair: segment, trimap, matte, composite; write the images and meta.json."""
+    from subjectpairs import storage
+    from subjectpairs.configfile import config_yaml
+    from subjectpairs.pipelines.boxes import WHOLE_IMAGE, Box
+    from subjectpairs.pipelines.config import PairConfig
+    from subjectpairs.pipelines.pairs import PairBuilder, PairRequest, sample_key, write_pair
+    from subjectpairs.pipelines.rejections import Rejection
+
+    settings = load_config(PairConfig, config, {
+        "size": size, "seed": seed, "segmenter.kind": segmenter, "segmenter.model": model,
+        "segmenter.device": device, "trimap.low": low, "trimap.high": high, "trimap.box_gate": box_gate,
+        "composite.backgrounds": background or None,
+    })
+    try:
+        subject_box = WHOLE_IMAGE if box is None else Box.parse(box)
+        stem = posixpath.splitext(posixpath.basename(image.rstrip("/")))[0]
+        request = PairRequest(
+            key=sample_key(stem, category), category=category, photo=storage.read_bytes(image), box=subject_box,
+            trimap=None if trimap is None else storage.read_bytes(trimap), source=image,
+        )
+        builder = PairBuilder(settings)
+        (result,) = builder.build([request])
+    except (InputError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    if isinstance(result, Rejection):
+        raise _fail(f"{image}: rejected at {result.stage}: {result.reason} ({result.detail})")
+    write_pair(result, out, {"config.yaml": config_yaml(settings, "pair")})
+    metrics = ", ".join(f"{name} {value}" for name, value in result.metrics.items())
+    console.print(f"pair {result.key} ({result.segmenter['name']}) -> {out}")
+    console.print(f"metrics: {metrics}", highlight=False)
+    total = sum(result.seconds.values())
+    console.print("seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in result.seconds.items()) + f", total {total:.3f}")
 
 
 @app.command("demo")

@@ -43,6 +43,26 @@ def exists(uri: str | Path) -> bool:
     return local_path(uri).exists()
 
 
+def is_dir(uri: str | Path) -> bool:
+    if is_remote(str(uri)):
+        fs, path = fsspec.core.url_to_fs(str(uri))
+        return fs.isdir(path)
+    return local_path(uri).is_dir()
+
+
+def list_files(folder: str | Path, suffixes: tuple[str, ...]) -> list[str]:
+    """Every file under ``folder`` (recursively) whose name ends with one of ``suffixes``
+    (case-insensitive), as sorted paths or URIs."""
+    text = str(folder)
+    if is_remote(text):
+        fs, path = fsspec.core.url_to_fs(text)
+        protocol = text.split("://", 1)[0]
+        found = [f"{protocol}://{name}" for name in fs.find(path)]
+    else:
+        found = [str(p) for p in local_path(text).rglob("*") if p.is_file()]
+    return sorted(name for name in found if name.lower().endswith(suffixes))
+
+
 def open_input_stream(uri: str | Path) -> pa.NativeFile:
     """A readable stream, decompressed by the file's suffix (.gz, .bz2, .zst, .lz4)."""
     text = str(uri)

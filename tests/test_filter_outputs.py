@@ -58,7 +58,7 @@ def test_failed_run_leaves_no_partial_output_and_keeps_the_previous_one(tmp_path
     run_filter(FilterConfig(out=str(out), bbox=str(boxes), classes=str(classes_csv)))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def broken_yaml(config):
+    def broken_yaml(config, command):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(candidates_module, "config_yaml", broken_yaml)

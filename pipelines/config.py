@@ -1,0 +1,69 @@
+"""Typed settings of pair synthesis, validated before any photo is touched."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SegmenterConfig(_Settings):
+    # auto: CLIPSeg when weights are configured or already on disk, otherwise GrabCut (works offline).
+    kind: Literal["auto", "clipseg", "grabcut"] = "auto"
+    model: str | None = Field(None, description=f"CLIPSeg hub id or folder (clipseg default: {DEFAULT_CLIPSEG})")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    batch_size: int = Field(32, ge=1)
+    grabcut_iterations: int = Field(4, ge=1, le=20)
+    grabcut_side: int = Field(192, ge=32, description="short side GrabCut works at; its mask is upsampled")
+
+
+class TrimapConfig(_Settings):
+    # The authors' matplotlib rendering thresholded at grey 60 and 120, which is 0.121 and 0.578 of the
+    # per-image min-max normalized map.
+    low: float = Field(0.121, ge=0.0, le=1.0, description="normalized map <= low is background")
+    high: float = Field(0.578, ge=0.0, le=1.0, description="normalized map > high is foreground")
+    normalize: bool = Field(True, description="per-image min-max normalization before thresholding")
+    cleanup_px: int = Field(2, ge=0, description="radius of the opening that removes specks")
+    band_px: int = Field(6, ge=0, description="unknown band on each side of the foreground edge")
+    box_gate: bool = Field(False, description="zero the map outside the padded subject box")
+    box_padding: float = Field(0.1, ge=0.0, le=1.0, description="box growth on each side, share of box size")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TrimapConfig":
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class MattingConfig(_Settings):
+    margin_px: int = Field(8, ge=2, description="known pixels kept around the unknown region's box")
+    max_solve_unknown: int = Field(
+        8_000, ge=1_000, description="unknown pixels above which the solve runs at reduced resolution"
+    )
+    min_scale: float = Field(0.25, gt=0.0, le=1.0, description="smallest reduced-resolution scale")
+    epsilon: float = Field(1e-7, gt=0.0, description="closed-form Laplacian regularization")
+    refine_radius: int = Field(1, ge=1, description="guided filter radius in full-resolution pixels")
+    refine_eps: float = Field(1e-4, gt=0.0, description="guided filter regularization")
+
+
+class CompositeConfig(_Settings):
+    backgrounds: list[str] = Field(
+        default_factory=list,
+        description="background images, folders of images, or text files listing one path/URI per line",
+    )
+
+
+class PairConfig(_Settings):
+    size: int = Field(512, ge=32, description="short side of the target, never upscaled")
+    min_side: int = Field(64, ge=8, description="photos with a smaller short side are rejected")
+    seed: int = Field(0, description="background choice and crop")
+    segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)
+    trimap: TrimapConfig = Field(default_factory=TrimapConfig)
+    matting: MattingConfig = Field(default_factory=MattingConfig)
+    composite: CompositeConfig = Field(default_factory=CompositeConfig)

@@ -1,0 +1,55 @@
+"""Per-pair quality metrics, for review and for filtering bad pairs out (docs/FORMAT.md defines them)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from subjectpairs.pipelines.boxes import Box
+from subjectpairs.pipelines.trimap import UNKNOWN
+
+
+def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ax0, ax1, ay0, ay1 = a
+    bx0, bx1, by0, by1 = b
+    inter = max(0, min(ax1, bx1) - max(ax0, bx0)) * max(0, min(ay1, by1) - max(ay0, by0))
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+    return inter / union if union else 0.0
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
+
+
+def pair_metrics(
+    alpha: np.ndarray, trimap: np.ndarray, subject_map: np.ndarray | None, box: Box, box_padding: float,
+    map_threshold: float, residual: float,
+) -> dict[str, float | None]:
+    """
+    - ``alpha_in_box``: mean alpha inside the subject box (low: the matte missed the subject).
+    - ``alpha_outside_box``: share of the total alpha mass outside the padded box (high: the matte took
+      other things).
+    - ``unknown_fraction``: share of the image the trimap left unknown (high: an unsure segmentation).
+    - ``map_box_iou``: IoU of the box around the map's foreground (map > ``map_threshold``) with the
+      subject box; ``None`` when the trimap was given rather than segmented.
+    - ``matting_residual``: mean |I - (aF + (1-a)B)| over unknown pixels, in [0, 1].
+    """
+    height, width = alpha.shape
+    x0, x1, y0, y1 = box.pixels(height, width)
+    px0, px1, py0, py1 = box.padded(box_padding).pixels(height, width)
+    total = float(alpha.sum())
+    outside = total - float(alpha[py0:py1, px0:px1].sum())
+    map_box_iou = None
+    if subject_map is not None:
+        found = mask_box(subject_map > map_threshold)
+        map_box_iou = 0.0 if found is None else round(_box_iou(found, (x0, x1, y0, y1)), 6)
+    return {
+        "alpha_in_box": round(float(alpha[y0:y1, x0:x1].mean()), 6),
+        "alpha_outside_box": round(outside / total, 6) if total > 0 else 0.0,
+        "unknown_fraction": round(float((trimap == UNKNOWN).mean()), 6),
+        "map_box_iou": map_box_iou,
+        "matting_residual": round(residual, 6),
+    }

@@ -1,0 +1,165 @@
+"""Subject segmenters: a batch of RGB images and subject names in, probability maps out.
+
+Every segmenter returns, for each image, an HxW float32 map in [0, 1] at that image's own size, so the
+trimap stage does not care which one ran.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol, Sequence
+
+import cv2
+import numpy as np
+
+from subjectpairs.errors import InputError
+from subjectpairs.pipelines.boxes import Box
+from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, SegmenterConfig
+
+log = logging.getLogger(__name__)
+
+
+class Segmenter(Protocol):
+    name: str
+
+    def segment(self, images: Sequence[np.ndarray], prompts: Sequence[str], boxes: Sequence[Box]) -> list[np.ndarray]:
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What ran, for each pair's metadata."""
+        ...
+
+
+def prompt_for(category: str) -> str:
+    """The authors prompted CLIPSeg with the lowercased class name."""
+    return category.lower()
+
+
+class ClipSegSegmenter:
+    """CLIPSeg (transformers) from a hub id or a local folder; bf16 autocast on GPU, fp32 on CPU."""
+
+    name = "clipseg"
+
+    def __init__(self, model: Any, processor: Any, source: str, batch_size: int) -> None:
+        import torch
+
+        self.model = model
+        self.processor = processor
+        self.source = source
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str, *, device: str = "auto", batch_size: int = 32, local_files_only: bool = False
+    ) -> "ClipSegSegmenter":
+        import torch
+        from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            processor = CLIPSegProcessor.from_pretrained(source, local_files_only=local_files_only)
+            model = CLIPSegForImageSegmentation.from_pretrained(source, local_files_only=local_files_only)
+        except OSError as exc:
+            raise InputError(f"{source}: cannot load CLIPSeg ({exc})") from exc
+        model.requires_grad_(False)
+        model.eval().to(device)
+        return cls(model, processor, source, batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        dtype = "bfloat16-autocast" if self.autocast_dtype is not None else "float32"
+        return {"name": self.name, "model": self.source, "device": str(self.device), "dtype": dtype}
+
+    def _logits(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        inputs = self.processor(text=list(prompts), images=list(images), padding=True, return_tensors="pt")
+        inputs = {name: tensor.to(self.device) for name, tensor in inputs.items()}
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
+            logits = self.model(**inputs).logits
+        # One image gives (H, W) in some transformers versions and (1, H, W) in others.
+        logits = logits.reshape(len(images), *logits.shape[-2:])
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    def segment(self, images: Sequence[np.ndarray], prompts: Sequence[str], boxes: Sequence[Box]) -> list[np.ndarray]:
+        maps: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            probs = self._logits(chunk, prompts[start:start + self.batch_size])
+            for image, prob in zip(chunk, probs):
+                height, width = image.shape[:2]
+                maps.append(cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR))
+        return maps
+
+
+class GrabCutSegmenter:
+    """OpenCV GrabCut seeded with the subject box: no weights, runs anywhere.
+
+    It works at a reduced short side (GrabCut's cost grows with pixels) and its hard mask is upsampled
+    bilinearly, which gives the trimap stage a soft edge to threshold.
+    """
+
+    name = "grabcut"
+    # GrabCut needs some pixels outside its rectangle to model the background.
+    _MIN_BORDER = 0.02
+    # OpenCV's k-means start is random; a fixed seed makes every run give the same mask.
+    _RNG_SEED = 12345
+
+    def __init__(self, iterations: int = 4, work_side: int = 192, why: str = "") -> None:
+        self.iterations = iterations
+        self.work_side = work_side
+        self.why = why
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"name": self.name, "iterations": self.iterations, "work_side": self.work_side}
+        if self.why:
+            info["why"] = self.why
+        return info
+
+    def _rect(self, box: Box, height: int, width: int) -> tuple[int, int, int, int]:
+        border = self._MIN_BORDER
+        inner = Box(
+            max(box.xmin, border), min(box.xmax, 1 - border), max(box.ymin, border), min(box.ymax, 1 - border)
+        )
+        x0, x1, y0, y1 = inner.pixels(height, width)
+        return x0, y0, max(x1 - x0, 1), max(y1 - y0, 1)
+
+    def segment_one(self, image: np.ndarray, box: Box) -> np.ndarray:
+        height, width = image.shape[:2]
+        scale = min(1.0, self.work_side / min(height, width))
+        small = cv2.resize(image, (max(round(width * scale), 8), max(round(height * scale), 8)),
+                           interpolation=cv2.INTER_AREA) if scale < 1.0 else image
+        mask = np.zeros(small.shape[:2], np.uint8)
+        models = (np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64))
+        cv2.setRNGSeed(self._RNG_SEED)
+        cv2.grabCut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), mask, self._rect(box, *small.shape[:2]),
+                    *models, self.iterations, cv2.GC_INIT_WITH_RECT)
+        hard = ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)).astype(np.float32)
+        return cv2.resize(hard, (width, height), interpolation=cv2.INTER_LINEAR)
+
+    def segment(self, images: Sequence[np.ndarray], prompts: Sequence[str], boxes: Sequence[Box]) -> list[np.ndarray]:
+        return [self.segment_one(image, box) for image, box in zip(images, boxes)]
+
+
+def build_segmenter(config: SegmenterConfig) -> Segmenter:
+    """The configured segmenter. ``auto`` takes CLIPSeg when a model is configured or the default one
+    is already on disk, and otherwise GrabCut, which needs no weights (and says why in each pair's
+    metadata)."""
+    if config.kind == "grabcut":
+        return GrabCutSegmenter(config.grabcut_iterations, config.grabcut_side)
+    if config.kind == "clipseg" or config.model is not None:
+        return ClipSegSegmenter.from_pretrained(
+            config.model or DEFAULT_CLIPSEG, device=config.device, batch_size=config.batch_size
+        )
+    try:
+        return ClipSegSegmenter.from_pretrained(
+            DEFAULT_CLIPSEG, device=config.device, batch_size=config.batch_size, local_files_only=True
+        )
+    except InputError:
+        why = f"no CLIPSeg weights configured and {DEFAULT_CLIPSEG} is not on disk"
+        log.info("segmenter: GrabCut (%s)", why)
+        return GrabCutSegmenter(config.grabcut_iterations, config.grabcut_side, why=why)

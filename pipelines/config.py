@@ -19,8 +19,8 @@ class SegmenterConfig(_Settings):
     model: str | None = Field(None, description=f"CLIPSeg hub id or folder (clipseg default: {DEFAULT_CLIPSEG})")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     batch_size: int = Field(32, ge=1)
-    grabcut_iterations: int = Field(4, ge=1, le=20)
-    grabcut_side: int = Field(192, ge=32, description="short side GrabCut works at; its mask is upsampled")
+    grabcut_iterations: int = Field(3, ge=1, le=20)
+    grabcut_side: int = Field(128, ge=32, description="short side GrabCut works at; its mask is upsampled")
 
 
 class TrimapConfig(_Settings):

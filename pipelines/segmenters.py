@@ -109,7 +109,7 @@ class GrabCutSegmenter:
     # OpenCV's k-means start is random; a fixed seed makes every run give the same mask.
     _RNG_SEED = 12345
 
-    def __init__(self, iterations: int = 4, work_side: int = 192, why: str = "") -> None:
+    def __init__(self, iterations: int = 3, work_side: int = 128, why: str = "") -> None:
         self.iterations = iterations
         self.work_side = work_side
         self.why = why

@@ -50,3 +50,29 @@ def write_boxes(path: Path, rows: list[dict], train_format: bool = True) -> Path
     writer.writerows(rows)
     path.write_text(buffer.getvalue())
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clipseg(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny_clipseg
+
+    return save_tiny_clipseg(tmp_path_factory.mktemp("clipseg") / "tiny-clipseg")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    """Real photos that ship with scikit-image, written as JPEG (and one PNG texture)."""
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("photos")
+    written = {}
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        path = folder / f"{name}.jpg"
+        Image.fromarray(getattr(data, name)()).save(path, quality=95)
+        written[name] = path
+    for name in ("brick", "grass", "gravel"):
+        path = folder / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(path)
+        written[name] = path
+    return written

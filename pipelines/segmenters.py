@@ -62,7 +62,7 @@ class ClipSegSegmenter:
         try:
             processor = CLIPSegProcessor.from_pretrained(source, local_files_only=local_files_only)
             model = CLIPSegForImageSegmentation.from_pretrained(source, local_files_only=local_files_only)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # missing files, bad repo ids, foreign configs
             raise InputError(f"{source}: cannot load CLIPSeg ({exc})") from exc
         model.requires_grad_(False)
         model.eval().to(device)

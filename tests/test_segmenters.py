@@ -1,0 +1,105 @@
+"""Segmenters: CLIPSeg through the real from_pretrained path (a tiny model), GrabCut on a real photo."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from subjectpairs.errors import InputError
+from subjectpairs.pipelines.boxes import Box
+from subjectpairs.pipelines.config import SegmenterConfig
+from subjectpairs.pipelines.segmenters import ClipSegSegmenter, GrabCutSegmenter, build_segmenter, prompt_for
+
+IMAGES = [data.astronaut(), data.coffee(), data.chelsea()]  # 512x512, 400x600, 300x451
+PROMPTS = ["person", "coffee cup", "cat"]
+BOXES = [Box(0.0, 1.0, 0.0, 1.0)] * 3
+
+
+def test_clipseg_loads_from_a_saved_folder_and_maps_each_image_at_its_size(tiny_clipseg):
+    segmenter = ClipSegSegmenter.from_pretrained(str(tiny_clipseg), device="cpu", batch_size=2)
+    maps = segmenter.segment(IMAGES, PROMPTS, BOXES)
+    assert [m.shape for m in maps] == [image.shape[:2] for image in IMAGES]
+    assert all(m.dtype == np.float32 and 0.0 <= m.min() and m.max() <= 1.0 for m in maps)
+    assert segmenter.describe() == {
+        "name": "clipseg", "model": str(tiny_clipseg), "device": "cpu", "dtype": "float32"
+    }
+    assert not any(p.requires_grad for p in segmenter.model.parameters())
+
+
+def test_clipseg_maps_are_the_models_sigmoid_resized(tiny_clipseg):
+    from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+    segmenter = ClipSegSegmenter.from_pretrained(str(tiny_clipseg), device="cpu")
+    (mapped,) = segmenter.segment(IMAGES[1:2], PROMPTS[1:2], BOXES[:1])
+    processor = CLIPSegProcessor.from_pretrained(str(tiny_clipseg))
+    model = CLIPSegForImageSegmentation.from_pretrained(str(tiny_clipseg)).eval()
+    with torch.no_grad():
+        logits = model(**processor(text=["coffee cup"], images=[IMAGES[1]], return_tensors="pt")).logits
+    expected = cv2.resize(torch.sigmoid(logits).reshape(logits.shape[-2:]).numpy(), (600, 400))
+    assert np.allclose(mapped, expected, atol=1e-5)
+    assert mapped.std() > 0  # a real map, not a constant
+
+
+def test_batching_does_not_change_the_maps(tiny_clipseg):
+    one_by_one = ClipSegSegmenter.from_pretrained(str(tiny_clipseg), device="cpu", batch_size=1)
+    batched = ClipSegSegmenter.from_pretrained(str(tiny_clipseg), device="cpu", batch_size=3)
+    for a, b in zip(one_by_one.segment(IMAGES, PROMPTS, BOXES), batched.segment(IMAGES, PROMPTS, BOXES)):
+        assert np.allclose(a, b, atol=1e-5)
+
+
+def test_prompt_is_the_lowercased_category():
+    assert prompt_for("Coffee cup") == "coffee cup"
+
+
+def test_configured_model_selects_clipseg_and_a_missing_one_is_a_clear_error(tiny_clipseg, tmp_path):
+    segmenter = build_segmenter(SegmenterConfig(model=str(tiny_clipseg), device="cpu"))
+    assert segmenter.describe()["name"] == "clipseg"
+    with pytest.raises(InputError, match="cannot load CLIPSeg"):
+        build_segmenter(SegmenterConfig(kind="clipseg", model=str(tmp_path / "nothing-here")))
+
+
+def test_auto_falls_back_to_grabcut_without_weights_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    segmenter = build_segmenter(SegmenterConfig())
+    info = segmenter.describe()
+    assert info["name"] == "grabcut" and "not on disk" in info["why"]
+
+
+# The person in skimage's astronaut photo, traced by hand (x, y in the 512x512 photo).
+ASTRONAUT_OUTLINE = np.array([
+    (228, 16), (270, 20), (301, 68), (298, 110), (288, 140), (301, 228), (319, 245), (341, 267), (364, 341),
+    (341, 347), (296, 375), (279, 432), (279, 511), (23, 511), (23, 318), (50, 260), (85, 228), (114, 193),
+    (150, 180), (171, 119), (154, 74), (180, 30),
+], np.int32)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_grabcut_finds_the_person_in_a_real_photo():
+    photo = data.astronaut()
+    reference = np.zeros(photo.shape[:2], np.uint8)
+    cv2.fillPoly(reference, [ASTRONAUT_OUTLINE], 1)
+    reference = reference.astype(bool)
+    box = Box(0.04, 0.72, 0.02, 1.0)
+    (prob,) = GrabCutSegmenter().segment([photo], ["person"], [box])
+    mask = prob > 0.5
+    x0, x1, y0, y1 = box.pixels(512, 512)
+    whole_box = np.zeros_like(reference)
+    whole_box[y0:y1, x0:x1] = True
+    assert _iou(mask, reference) >= 0.72
+    assert _iou(mask, reference) > _iou(whole_box, reference) + 0.05  # better than taking the box
+    assert not mask[:, 400:].any()  # nothing of the shuttle model to the right
+
+
+def test_grabcut_is_deterministic_and_handles_a_whole_image_box():
+    photo = data.chelsea()
+    first = GrabCutSegmenter().segment([photo], ["cat"], [Box(0.0, 1.0, 0.0, 1.0)])[0]
+    second = GrabCutSegmenter().segment([photo], ["cat"], [Box(0.0, 1.0, 0.0, 1.0)])[0]
+    assert np.array_equal(first, second)
+    assert 0.05 < (first > 0.5).mean() < 0.95

@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e '.[all,test]'
+	# pymatting compiles its numba kernels on first import (about a minute) and caches them on disk;
+	# pay that once here, not in every worker and test.
+	NUMBA_NUM_THREADS=1 $(BIN)/python -c "import pymatting"
 	touch $@
 
 demo: setup

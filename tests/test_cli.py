@@ -14,7 +14,7 @@ from conftest import box_row, write_boxes
 from subjectpairs.cli import app
 
 runner = CliRunner()
-COMMANDS = ["filter", "demo", "version"]
+COMMANDS = ["filter", "pair", "demo", "version"]
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])

@@ -1,0 +1,162 @@
+"""Whole pairs: the ``pair`` command and the builder on real photos, determinism, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from skimage import data
+from typer.testing import CliRunner
+
+from subjectpairs.cli import app
+from subjectpairs.pipelines.boxes import Box
+from subjectpairs.pipelines.config import PairConfig
+from subjectpairs.pipelines.pairs import MEMBERS, PairBuilder, PairRequest, sample_key
+from subjectpairs.pipelines.rejections import Rejection
+
+runner = CliRunner()
+ASTRONAUT_BOX = "0.04,0.72,0.02,1.0"
+
+
+def run_pair(*args: str):
+    return runner.invoke(app, ["pair", *args])
+
+
+def read_image(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_pair_command_writes_every_member(tmp_path, photos):
+    out = tmp_path / "pair"
+    result = run_pair(str(photos["astronaut"]), "--category", "Person", "--box", ASTRONAUT_BOX,
+                      "--segmenter", "grabcut", "--background", str(photos["brick"]), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted([*MEMBERS, "meta.json", "config.yaml"])
+    target, composite = read_image(out / "target.jpg"), read_image(out / "input.jpg")
+    alpha, trimap, foreground = (read_image(out / n) for n in ("alpha.png", "trimap.png", "foreground.png"))
+    assert target.shape == composite.shape == (512, 512, 3)  # the astronaut is 512x512 already
+    assert alpha.shape == trimap.shape == (512, 512) and alpha.dtype == np.uint8
+    assert foreground.shape == (512, 512, 4) and np.array_equal(foreground[:, :, 3], alpha)
+    assert set(np.unique(trimap)) == {0, 128, 255}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["category"] == "Person" and meta["box"] == [0.04, 0.72, 0.02, 1.0]
+    assert meta["segmenter"]["name"] == "grabcut" and meta["background"] == str(photos["brick"])
+    assert set(meta["metrics"]) == {"alpha_in_box", "alpha_outside_box", "unknown_fraction", "map_box_iou",
+                                    "matting_residual"}
+    assert meta["metrics"]["alpha_in_box"] > 0.4 and meta["metrics"]["alpha_outside_box"] < 0.05
+    assert {"decode", "segment", "trimap", "matting", "composite", "encode"} <= set(meta["seconds"])
+    # the composite shows the subject where alpha is 1 and the background where it is 0
+    sure = trimap == 255
+    assert np.abs(composite[sure].astype(int) - target[sure].astype(int)).mean() < 4
+    assert np.abs(composite[trimap == 0].astype(int) - target[trimap == 0].astype(int)).mean() > 20
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["segmenter"]["kind"] == "grabcut" and config["composite"]["backgrounds"] == [str(photos["brick"])]
+
+
+def test_same_inputs_and_seed_give_identical_files(tmp_path, photos):
+    def build(out, seed):
+        result = run_pair(str(photos["astronaut"]), "--category", "Person", "--box", ASTRONAUT_BOX,
+                          "--segmenter", "grabcut", "--seed", str(seed), "--out", str(out))
+        assert result.exit_code == 0, result.output
+        return {name: (out / name).read_bytes() for name in MEMBERS}
+
+    first, second = build(tmp_path / "a", 1), build(tmp_path / "b", 1)
+    assert first == second
+    other_seed = build(tmp_path / "c", 2)
+    assert other_seed["input.jpg"] != first["input.jpg"] and other_seed["target.jpg"] == first["target.jpg"]
+    meta_a = json.loads((tmp_path / "a" / "meta.json").read_text())
+    meta_b = json.loads((tmp_path / "b" / "meta.json").read_text())
+    meta_a.pop("seconds"), meta_b.pop("seconds")
+    assert meta_a == meta_b
+
+
+def test_given_trimap_skips_segmentation(tmp_path, photos):
+    drawn = np.zeros((300, 451), np.uint8)
+    cv2.ellipse(drawn, (225, 160), (150, 130), 0, 0, 360, 128, -1)
+    cv2.ellipse(drawn, (225, 160), (110, 95), 0, 0, 360, 255, -1)
+    trimap_file = tmp_path / "trimap.png"
+    Image.fromarray(drawn).save(trimap_file)
+    out = tmp_path / "pair"
+    result = run_pair(str(photos["chelsea"]), "--category", "Cat", "--trimap", str(trimap_file), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["segmenter"] == {"name": "given-trimap"} and "segment" not in meta["seconds"]
+    assert meta["metrics"]["map_box_iou"] is None
+    assert np.array_equal(read_image(out / "trimap.png"), drawn)
+
+
+def test_clipseg_model_folder_from_the_command_line(tmp_path, photos, tiny_clipseg):
+    out = tmp_path / "pair"
+    result = run_pair(str(photos["coffee"]), "--category", "Coffee cup", "--model", str(tiny_clipseg),
+                      "--device", "cpu", "--box-gate", "--box", "0.28,0.7,0.03,0.77", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["segmenter"]["name"] == "clipseg" and meta["segmenter"]["model"] == str(tiny_clipseg)
+    trimap = read_image(out / "trimap.png")
+    # gated: left of the padded box (x < 143) nothing is subject, and the unknown band is at most 6 px wide
+    assert (trimap[:, :136] == 0).all() and (trimap[:, :143] != 255).all()
+
+
+def test_size_option_sets_the_short_side(tmp_path, photos):
+    out = tmp_path / "pair"
+    result = run_pair(str(photos["coffee"]), "--category", "Coffee cup", "--segmenter", "grabcut",
+                      "--size", "200", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert read_image(out / "target.jpg").shape == (200, 300, 3)
+    assert read_image(out / "alpha.png").shape == (200, 300)
+
+
+def _bytes(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_odd_photos_build_pairs_and_bad_ones_are_rejected_with_a_reason(photos):
+    coffee = Image.fromarray(data.coffee())
+    sixteen = cv2.imencode(".png", data.coffee().astype(np.uint16)[:, :, ::-1] * 257)[1].tobytes()
+    good = photos["coffee"].read_bytes()
+    requests = [
+        PairRequest("gray", "Coffee cup", _bytes(coffee.convert("L"), "JPEG")),
+        PairRequest("cmyk", "Coffee cup", _bytes(coffee.convert("CMYK"), "JPEG")),
+        PairRequest("sixteen", "Coffee cup", sixteen),
+        PairRequest("corrupt", "Coffee cup", good[:2000]),
+        PairRequest("tiny", "Coffee cup", _bytes(coffee.resize((30, 20)), "PNG")),
+        PairRequest("outside", "Coffee cup", good, box=Box(1.2, 1.5, 0.1, 0.5)),
+        PairRequest("gray", "Coffee cup", good),  # the same key again
+        PairRequest("fine", "Coffee cup", good, box=Box(0.28, 0.7, 0.03, 0.77)),
+    ]
+    builder = PairBuilder(PairConfig(segmenter={"kind": "grabcut"}))
+    results = builder.build(requests)
+    assert len(results) == len(requests)
+    outcome = {(r.key, r.reason if isinstance(r, Rejection) else "pair") for r in results}
+    assert outcome == {
+        ("gray", "pair"), ("cmyk", "pair"), ("sixteen", "pair"), ("corrupt", "decode_error"),
+        ("tiny", "too_small"), ("outside", "bad_box"), ("gray", "duplicate_key"), ("fine", "pair"),
+    }
+    for result in results:
+        if not isinstance(result, Rejection):
+            assert result.target.shape == (400, 600, 3) and result.alpha.shape == (400, 600)
+
+
+def test_rejections_and_bad_arguments_are_one_line_errors(tmp_path, photos):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(photos["coffee"].read_bytes()[:1500])
+    result = run_pair(str(corrupt), "--category", "Cup", "--out", str(tmp_path / "x"), "--segmenter", "grabcut")
+    assert result.exit_code == 2 and "decode_error" in result.output
+    assert not (tmp_path / "x").exists()
+    result = run_pair(str(photos["coffee"]), "--category", "Cup", "--box", "0.1,0.2", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "XMIN,XMAX,YMIN,YMAX" in result.output
+    result = run_pair(str(tmp_path / "missing.jpg"), "--category", "Cup", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "not found" in result.output
+    result = run_pair(str(photos["coffee"]), "--category", "Cup", "--out", str(tmp_path / "x"), "--low", "0.9")
+    assert result.exit_code == 2 and "must be below high" in result.output
+
+
+def test_sample_keys_have_no_dots():
+    assert sample_key("000a1b2c.d", "Coffee cup") == "000a1b2c-d_Coffee-cup"

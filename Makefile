@@ -28,6 +28,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/filter_bench.py
+	$(BIN)/python benchmarks/pair_bench.py
 
 clean:
 	rm -rf $(VENV) demo benchmarks/.data .pytest_cache

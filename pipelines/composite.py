@@ -79,7 +79,8 @@ class BackgroundPool:
         except (OSError, InputError) as exc:
             raise PairRejected("composite", "background_error", f"{uri}: {exc}") from exc
         try:
-            background = decode_image(data)
+            # decode no larger than needed: both sides at least the longer side of the target
+            background = decode_image(data, draft_side=max(shape))
         except PairRejected as exc:
             raise PairRejected("composite", exc.reason, f"background {uri}: {exc.detail}") from exc
         return uri, cover_crop(background, shape, rng)
@@ -109,7 +110,6 @@ def procedural_background(shape: tuple[int, int], rng: np.random.Generator) -> n
 
 
 def blend(foreground: np.ndarray, alpha: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """alpha * F + (1 - alpha) * B, with F in [0, 1] floats and B uint8; returns uint8."""
-    a = alpha[:, :, None]
-    mixed = a * foreground * 255.0 + (1.0 - a) * background.astype(np.float64)
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    """alpha * F + (1 - alpha) * B for uint8 F and B; returns uint8 (rounded, saturated)."""
+    weight = alpha.astype(np.float32)
+    return cv2.blendLinear(foreground, background, weight, 1.0 - weight)

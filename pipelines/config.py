@@ -44,12 +44,12 @@ class TrimapConfig(_Settings):
 class MattingConfig(_Settings):
     margin_px: int = Field(8, ge=2, description="known pixels kept around the unknown region's box")
     max_solve_unknown: int = Field(
-        8_000, ge=1_000, description="unknown pixels above which the solve runs at reduced resolution"
+        5_000, ge=1_000, description="unknown pixels above which the solve runs at reduced resolution"
     )
     min_scale: float = Field(0.25, gt=0.0, le=1.0, description="smallest reduced-resolution scale")
     epsilon: float = Field(1e-7, gt=0.0, description="closed-form Laplacian regularization")
-    refine_radius: int = Field(1, ge=1, description="guided filter radius in full-resolution pixels")
-    refine_eps: float = Field(1e-4, gt=0.0, description="guided filter regularization")
+    refine_radius: int = Field(1, ge=1, description="window radius of the coarse local linear fit")
+    refine_eps: float = Field(1e-5, gt=0.0, description="regularization of the coarse local linear fit")
 
 
 class CompositeConfig(_Settings):

@@ -53,8 +53,13 @@ def shrink_to_short_side(rgb: np.ndarray, short_side: int) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
-def decode_image(data: bytes, short_side: int | None = None, *, min_side: int = 1) -> np.ndarray:
+def decode_image(
+    data: bytes, short_side: int | None = None, *, min_side: int = 1, draft_side: int | None = None
+) -> np.ndarray:
     """Decode image bytes to an RGB uint8 array, upright, with its short side at most ``short_side``.
+
+    ``draft_side`` (default ``short_side``) lets a JPEG decode at a reduced scale as long as both sides
+    stay at or above it.
 
     Raises :class:`PairRejected` (``decode_error`` or ``too_small``) instead of letting a bad file stop a
     job.
@@ -63,10 +68,11 @@ def decode_image(data: bytes, short_side: int | None = None, *, min_side: int = 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if short_side is not None and image.format == "JPEG":
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves the short side at or
+            draft_side = draft_side or short_side
+            if draft_side is not None and image.format == "JPEG":
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves both sides at or
                 # above the target, whichever way EXIF turns the photo: much less work for big photos.
-                image.draft("RGB", (short_side, short_side))
+                image.draft("RGB", (draft_side, draft_side))
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
     except Exception as exc:  # PIL raises many types for truncated or foreign files
@@ -98,7 +104,8 @@ def encode_png(array: np.ndarray) -> bytes:
 
 
 def to_unit_float(rgb: np.ndarray) -> np.ndarray:
-    return rgb.astype(np.float64) * (1.0 / 255.0)
+    """uint8 to float64 in [0, 1]; float input is taken as already in [0, 1]."""
+    return rgb.astype(np.float64) * (1.0 / 255.0) if rgb.dtype == np.uint8 else rgb
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 from subjectpairs.pipelines.boxes import WHOLE_IMAGE, Box
 from subjectpairs.pipelines.composite import BackgroundPool, blend
 from subjectpairs.pipelines.config import PairConfig
-from subjectpairs.pipelines.images import decode_image, encode_jpeg, encode_png, to_uint8, to_unit_float
+from subjectpairs.pipelines.images import decode_image, encode_jpeg, encode_png, to_uint8
 from subjectpairs.pipelines.matting import matte
 from subjectpairs.pipelines.quality import pair_metrics
 from subjectpairs.pipelines.rejections import PairRejected, Rejection
@@ -27,7 +27,8 @@ from subjectpairs.pipelines.segmenters import Segmenter, build_segmenter, prompt
 from subjectpairs.pipelines.trimap import make_trimap, read_trimap
 
 PIPELINE_VERSION = "1"
-MEMBERS = ("input.jpg", "target.jpg", "alpha.png", "trimap.png", "foreground.png")
+# What a training shard holds per pair; the pair command also writes foreground.png and meta.json.
+MEMBERS = ("input.jpg", "target.jpg", "alpha.png", "trimap.png")
 
 
 def sample_key(image_id: str, category: str) -> str:
@@ -74,14 +75,16 @@ class Pair:
 
     def members(self) -> dict[str, bytes]:
         """The encoded images, by member name (fixed encoder settings: same pixels, same bytes)."""
-        alpha8 = to_uint8(self.alpha)
         return {
             "input.jpg": encode_jpeg(self.composite),
             "target.jpg": encode_jpeg(self.target),
-            "alpha.png": encode_png(alpha8),
+            "alpha.png": encode_png(to_uint8(self.alpha)),
             "trimap.png": encode_png(self.trimap),
-            "foreground.png": encode_png(np.dstack([to_uint8(self.foreground), alpha8])),
         }
+
+    def foreground_png(self) -> bytes:
+        """The subject alone: estimated colours with alpha (RGBA)."""
+        return encode_png(np.dstack([self.foreground, to_uint8(self.alpha)]))
 
     def meta(self) -> dict[str, Any]:
         height, width = self.target.shape[:2]
@@ -132,8 +135,7 @@ def finish(
         assert subject_map is not None, "a sample without a given trimap needs a segmentation map"
         trimap, normalized = make_trimap(subject_map, box, config.trimap)
     lap("trimap")
-    image = to_unit_float(target)
-    result = matte(image, trimap, config.matting)
+    result = matte(target, trimap, config.matting)
     lap("matting")
     background_id, background = backgrounds.background_for(config.seed, request.key, target.shape[:2])
     composite = blend(result.foreground, result.alpha, background)
@@ -216,6 +218,7 @@ def write_pair(pair: Pair, out_dir: str, extra: dict[str, bytes] | None = None) 
     started = time.perf_counter()
     members = pair.members()
     pair.seconds["encode"] = time.perf_counter() - started
+    members["foreground.png"] = pair.foreground_png()
     with StagedOutputs(out_dir) as staged:
         for name, data in members.items():
             staged.put(name, data)

@@ -80,8 +80,9 @@ def test_empty_pool_generates_backgrounds_deterministically():
 
 
 def test_blend_is_the_alpha_weighted_mix():
-    foreground = np.full((2, 2, 3), 1.0)
-    background = np.zeros((2, 2, 3), np.uint8)
+    foreground = np.full((2, 2, 3), 200, np.uint8)
+    background = np.full((2, 2, 3), 40, np.uint8)
     alpha = np.array([[0.0, 0.25], [0.5, 1.0]])
     out = blend(foreground, alpha, background)
-    assert out[:, :, 0].tolist() == [[0, 64], [128, 255]]
+    assert out.dtype == np.uint8
+    assert out[:, :, 0].tolist() == [[40, 80], [120, 200]]

@@ -36,7 +36,7 @@ def test_pair_command_writes_every_member(tmp_path, photos):
     result = run_pair(str(photos["astronaut"]), "--category", "Person", "--box", ASTRONAUT_BOX,
                       "--segmenter", "grabcut", "--background", str(photos["brick"]), "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == sorted([*MEMBERS, "meta.json", "config.yaml"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*MEMBERS, "foreground.png", "meta.json", "config.yaml"])
     target, composite = read_image(out / "target.jpg"), read_image(out / "input.jpg")
     alpha, trimap, foreground = (read_image(out / n) for n in ("alpha.png", "trimap.png", "foreground.png"))
     assert target.shape == composite.shape == (512, 512, 3)  # the astronaut is 512x512 already

@@ -7,7 +7,6 @@ import json
 
 import cv2
 import numpy as np
-import pytest
 import yaml
 from PIL import Image
 from skimage import data

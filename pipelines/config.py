@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -67,3 +69,43 @@ class PairConfig(_Settings):
     trimap: TrimapConfig = Field(default_factory=TrimapConfig)
     matting: MattingConfig = Field(default_factory=MattingConfig)
     composite: CompositeConfig = Field(default_factory=CompositeConfig)
+
+
+class FetchConfig(_Settings):
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to an image server")
+    read_timeout: float = Field(30.0, gt=0, description="seconds without data before a read gives up")
+    retries: int = Field(3, ge=0, le=10, description="retries after a timeout, a connection error or a 5xx")
+    backoff: float = Field(1.0, ge=0, description="first retry delay in seconds, doubled each retry")
+    anonymous: bool = Field(True, description="read object-store prefixes without credentials (public buckets)")
+
+
+class ShardConfig(_Settings):
+    samples: int = Field(1000, ge=1, description="candidates planned per shard")
+    max_bytes: int = Field(2_000_000_000, ge=1_000_000, description="a shard over this is split into parts")
+
+
+class BuildConfig(_Settings):
+    """One build: candidates in, WebDataset shards out. Keys that change the shards make the config hash."""
+
+    out: str
+    candidates: str = Field(description="candidates.parquet from `subjectpairs filter`")
+    images: str | None = Field(
+        None,
+        description="folder or URI prefix holding <ImageID>.jpg; default: the candidates' filepath, else url",
+    )
+    captions: str | None = Field(None, description="captions.jsonl (image_id, label, captions)")
+    limit: int | None = Field(None, ge=1, description="build only the first N candidates (by key)")
+    batch_size: int = Field(16, ge=1, description="samples a task decodes, segments and mattes together")
+    pair: PairConfig = Field(default_factory=PairConfig)
+    fetch: FetchConfig = Field(default_factory=FetchConfig)
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+    # How the job runs, not what it makes: left out of the config hash.
+    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS, else a local Ray")
+    max_tasks: int | None = Field(None, ge=1, description="shard tasks in flight; default: the cluster's CPUs")
+
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("out", "address", "max_tasks")
+
+    def config_hash(self) -> str:
+        """SHA-256 of the settings that decide the shards' bytes (not where or how fast they are made)."""
+        settings = self.model_dump(mode="json", exclude=set(self.RUNTIME_KEYS))
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -31,9 +31,9 @@ PIPELINE_VERSION = "1"
 MEMBERS = ("input.jpg", "target.jpg", "alpha.png", "trimap.png")
 
 
-def sample_key(image_id: str, category: str) -> str:
+def photo_key(stem: str, category: str) -> str:
     """A key with no dots (webdataset splits member names at the first dot)."""
-    return re.sub(r"[^0-9A-Za-z_-]+", "-", f"{image_id}_{category}").strip("-")
+    return re.sub(r"[^0-9A-Za-z_-]+", "-", f"{stem}_{category}").strip("-")
 
 
 @dataclass

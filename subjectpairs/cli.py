@@ -44,8 +44,12 @@ def load_config(model: type[BaseModel], config_file: Path | None, overrides: dic
     for key, value in overrides.items():
         if value is None:
             continue
-        section, _, name = key.rpartition(".")
-        target = values.setdefault(section, {}) if section else values
+        *sections, name = key.split(".")
+        target = values
+        for section in sections:
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise _fail(f"{key}: {section} is not a section of the configuration")
         target[name] = value
     try:
         return model.model_validate(values)
@@ -135,7 +139,7 @@ def pair_command(
     from subjectpairs.configfile import config_yaml
     from subjectpairs.pipelines.boxes import WHOLE_IMAGE, Box
     from subjectpairs.pipelines.config import PairConfig
-    from subjectpairs.pipelines.pairs import PairBuilder, PairRequest, sample_key, write_pair
+    from subjectpairs.pipelines.pairs import PairBuilder, PairRequest, photo_key, write_pair
     from subjectpairs.pipelines.rejections import Rejection
 
     settings = load_config(PairConfig, config, {
@@ -147,7 +151,7 @@ def pair_command(
         subject_box = WHOLE_IMAGE if box is None else Box.parse(box)
         stem = posixpath.splitext(posixpath.basename(image.rstrip("/")))[0]
         request = PairRequest(
-            key=sample_key(stem, category), category=category, photo=storage.read_bytes(image), box=subject_box,
+            key=photo_key(stem, category), category=category, photo=storage.read_bytes(image), box=subject_box,
             trimap=None if trimap is None else storage.read_bytes(trimap), source=image,
         )
         builder = PairBuilder(settings)
@@ -164,20 +168,95 @@ def pair_command(
     console.print("seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in result.seconds.items()) + f", total {total:.3f}")
 
 
+def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` overrides of any config key (dotted: ``pair.trimap.low=0.2``); values are YAML."""
+    overrides: dict[str, Any] = {}
+    for item in pairs or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _fail(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def rejects_table(counts: dict[str, int]) -> Table:
+    table = Table(title="Rejected candidates")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    for reason, count in sorted(counts.items(), key=lambda item: -item[1]):
+        table.add_row(reason, f"{count:,}")
+    return table
+
+
+def build_summary(report) -> None:
+    stats, manifest = report.stats, report.manifest
+    console.print(
+        f"{manifest['pairs']:,} pairs and {manifest['rejects']:,} rejects from {manifest['candidates']:,} "
+        f"candidates in {len(manifest['shards'])} shards -> {report.out_dir} "
+        f"({stats['wall_seconds']:.1f} s, {stats['pairs_per_second'] or 0:.2f} pairs/s; "
+        f"{stats['chunks_resumed']} of {stats['chunks']} chunks resumed)"
+    )
+    if stats["rejects"]:
+        console.print(rejects_table(stats["rejects"]))
+    stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in stats["stage_seconds"].items())
+    console.print(f"stage seconds (summed over workers): {stages}", highlight=False)
+
+
+@app.command("build")
+def build_command(
+    out: Annotated[Optional[str], typer.Option(help="Output folder or URI for shards and manifest.")] = None,
+    candidates: Annotated[Optional[str], typer.Option(help="candidates.parquet from `subjectpairs filter`.")] = None,
+    images: Annotated[
+        Optional[str], typer.Option(help="Folder or URI prefix of <ImageID>.jpg (default: filepath or url column).")
+    ] = None,
+    backgrounds: Annotated[
+        Optional[list[str]], typer.Option(help="Background folder, URI prefix, list file or image; repeatable.")
+    ] = None,
+    captions: Annotated[Optional[str], typer.Option(help="captions.jsonl (image_id, label, captions).")] = None,
+    segmenter: Annotated[Optional[str], typer.Option(help="auto, clipseg or grabcut.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="CLIPSeg hub id or local folder.")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Short side of the pairs.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of backgrounds and crops.")] = None,
+    samples_per_shard: Annotated[Optional[int], typer.Option(help="Candidates planned per shard.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Build only the first N candidates (by key).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address (default: RAY_ADDRESS, else local Ray).")] = None,
+    max_tasks: Annotated[Optional[int], typer.Option(help="Shard tasks in flight (default: cluster CPUs).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a build made with another configuration.")] = False,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Any config key: --set pair.trimap.low=0.2; repeatable.")
+    ] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config; flags override its keys.")] = None,
+) -> None:
+    """Build WebDataset shards of pairs from candidates, on Ray (local unless --address/RAY_ADDRESS)."""
+    from subjectpairs.pipelines.build import run_build
+    from subjectpairs.pipelines.config import BuildConfig
+
+    settings = load_config(BuildConfig, config, {
+        "out": out, "candidates": candidates, "images": images, "captions": captions, "limit": limit,
+        "address": address, "max_tasks": max_tasks, "pair.composite.backgrounds": backgrounds or None,
+        "pair.segmenter.kind": segmenter, "pair.segmenter.model": model, "pair.size": size, "pair.seed": seed,
+        "shards.samples": samples_per_shard, **parse_settings(set_),
+    })
+    try:
+        report = run_build(settings, overwrite=overwrite)
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
+    build_summary(report)
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the generated data and every output.")] = Path("demo"),
-    rows: Annotated[int, typer.Option(help="Rows of the generated OpenImages-format box file.")] = 200_000,
-    seed: Annotated[int, typer.Option(help="Seed of the generated data.")] = 0,
+    scenes: Annotated[int, typer.Option(help="Generated scenes besides the real photos.")] = 21,
+    seed: Annotated[int, typer.Option(help="Seed of the generated data and the backgrounds.")] = 0,
 ) -> None:
-    """Run the pipeline offline on embedded, generated OpenImages-format data."""
+    """Run the pipeline offline: photos in OpenImages format -> filter -> shards (GrabCut, local Ray)."""
     from subjectpairs.pipelines.demo import run_demo
 
-    report = run_demo(out, rows=rows, seed=seed)
-    console.print(funnel_table(report.funnel))
-    top = list(report.funnel["per_category"].items())[:5]
-    console.print("most frequent categories: " + ", ".join(f"{name} ({count})" for name, count in top))
-    console.print(f"{report.funnel['kept']:,} candidates written to {report.out_dir}")
+    report = run_demo(out, scenes=scenes, seed=seed)
+    console.print(funnel_table(report.filter.funnel))
+    build_summary(report.build)
+    console.print(f"shards in {report.build.out_dir}; contact sheet: {report.contact_sheet}")
 
 
 @app.command("version")

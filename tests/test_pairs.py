@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from subjectpairs.cli import app
 from subjectpairs.pipelines.boxes import Box
 from subjectpairs.pipelines.config import PairConfig
-from subjectpairs.pipelines.pairs import MEMBERS, PairBuilder, PairRequest, sample_key
+from subjectpairs.pipelines.pairs import MEMBERS, PairBuilder, PairRequest, photo_key
 from subjectpairs.pipelines.rejections import Rejection
 
 runner = CliRunner()
@@ -157,5 +157,5 @@ def test_rejections_and_bad_arguments_are_one_line_errors(tmp_path, photos):
     assert result.exit_code == 2 and "must be below high" in result.output
 
 
-def test_sample_keys_have_no_dots():
-    assert sample_key("000a1b2c.d", "Coffee cup") == "000a1b2c-d_Coffee-cup"
+def test_photo_keys_have_no_dots():
+    assert photo_key("000a1b2c.d", "Coffee cup") == "000a1b2c-d_Coffee-cup"

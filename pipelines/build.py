@@ -1,0 +1,379 @@
+"""The build job: candidates in, WebDataset shards of pairs out, on Ray.
+
+Ray Core, one task per chunk of sorted keys (see docs/architecture.md for why): a task fetches, decodes,
+segments, mattes and composites its chunk in small batches on one core, writes the pairs into local
+temporary tars and publishes them whole; the driver records each finished chunk under ``.progress/``.
+A rerun skips every recorded chunk whose shards still hash the same and rebuilds the rest; a chunk that
+was running when a worker (or the driver) died is simply built again, so a crash costs time, never
+samples, and never duplicates one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from subjectpairs import __version__, storage
+from subjectpairs.configfile import config_yaml
+from subjectpairs.errors import InputError
+from subjectpairs.pipelines.captions import Captions
+from subjectpairs.pipelines.config import BuildConfig
+from subjectpairs.pipelines.fetch import PhotoFetcher
+from subjectpairs.pipelines.pairs import PIPELINE_VERSION, Pair, PairBuilder, PairRequest
+from subjectpairs.pipelines.rejections import PairRejected, Rejection
+from subjectpairs.pipelines.shards import (
+    SHARD_PREFIX, Candidate, ChunkPlan, ChunkWriter, ShardFile, file_sha256, load_candidates, plan_chunks,
+)
+
+PROGRESS_DIR = ".progress"
+MANIFEST_FILE = "manifest.json"
+REJECTS_FILE = "rejects.parquet"
+STATS_FILE = "stats.json"
+CONFIG_FILE = "config.yaml"
+REJECT_SCHEMA = pa.schema([("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+                           ("detail", pa.string())])
+# Threads fetching one batch's photos at once, so slow servers overlap instead of idling the core.
+FETCH_THREADS = 8
+
+
+@dataclass
+class ChunkRecord:
+    chunk: int
+    plan_sha256: str  # the chunk's keys: a record only counts for the same plan
+    shards: list[ShardFile]
+    pairs: int
+    rejects: list[Rejection]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ChunkRecord":
+        data = json.loads(text)
+        return cls(
+            chunk=data["chunk"], plan_sha256=data["plan_sha256"],
+            shards=[ShardFile(**s) for s in data["shards"]], pairs=data["pairs"],
+            rejects=[Rejection(**r) for r in data["rejects"]], seconds=data.get("seconds", {}),
+        )
+
+
+def plan_sha256(plan: ChunkPlan) -> str:
+    text = "\n".join(f"{c.key}\t{c.photo_uri}\t{c.box.as_list()}\t{c.category}" for c in plan.candidates)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sample_json(pair: Pair, candidate: Candidate, captions: list[str], caption_source: str, config_hash: str) -> bytes:
+    meta = pair.meta()
+    meta.pop("seconds")  # timings vary run to run; shards must not
+    meta.update(
+        image_id=candidate.image_id, label_mid=candidate.label_mid, captions=captions,
+        caption_source=caption_source, config_hash=config_hash, source=candidate.photo_uri,
+    )
+    return json.dumps(meta, sort_keys=True).encode()
+
+
+class ChunkBuilder:
+    """Builds chunks in one worker process; the segmenter, backgrounds and captions load once."""
+
+    def __init__(self, config: BuildConfig) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)  # one core per task; parallelism comes from Ray
+        self.config = config
+        self.config_hash = config.config_hash()
+        self.pairs = PairBuilder(config.pair)
+        self.fetcher = PhotoFetcher(config.fetch)
+        self.captions = Captions.from_jsonl(config.captions) if config.captions else Captions.template_only()
+
+    def _fetch_batch(self, batch: tuple[Candidate, ...]) -> list[PairRequest | Rejection]:
+        def fetch(candidate: Candidate) -> PairRequest | Rejection:
+            try:
+                photo = self.fetcher.fetch(candidate.photo_uri)
+            except PairRejected as exc:
+                return Rejection.from_error(candidate.key, exc)
+            return PairRequest(candidate.key, candidate.category, photo, candidate.box, source=candidate.photo_uri)
+
+        with ThreadPoolExecutor(min(FETCH_THREADS, len(batch))) as pool:
+            return list(pool.map(fetch, batch))
+
+    def build(self, plan: ChunkPlan, report: Callable[[int, int], None] | None = None) -> ChunkRecord:
+        writer = ChunkWriter(self.config.out, plan.index, self.config.shards.max_bytes)
+        rejects: list[Rejection] = []
+        seconds: Counter[str] = Counter()
+        pairs = 0
+        try:
+            size = self.config.batch_size
+            for start in range(0, len(plan.candidates), size):
+                batch = plan.candidates[start:start + size]
+                started = time.perf_counter()
+                fetched = self._fetch_batch(batch)
+                seconds["fetch"] += time.perf_counter() - started
+                requests = [item for item in fetched if isinstance(item, PairRequest)]
+                built = iter(self.pairs.build(requests))
+                batch_pairs = 0
+                for candidate, item in zip(batch, fetched):
+                    result = item if isinstance(item, Rejection) else next(built)
+                    if isinstance(result, Rejection):
+                        rejects.append(result)
+                        continue
+                    captions, source = self.captions.for_subject(candidate.image_id, candidate.category)
+                    encode_started = time.perf_counter()
+                    members = result.members()
+                    members["json"] = sample_json(result, candidate, captions, source, self.config_hash)
+                    writer.write(candidate.key, members)
+                    seconds.update(result.seconds)
+                    seconds["encode"] += time.perf_counter() - encode_started
+                    batch_pairs += 1
+                pairs += batch_pairs
+                if report is not None:
+                    report(batch_pairs, len(batch) - batch_pairs)
+            started = time.perf_counter()
+            shards = writer.publish()
+            seconds["publish"] += time.perf_counter() - started
+        finally:
+            writer.close()
+        return ChunkRecord(plan.index, plan_sha256(plan), shards, pairs, rejects, dict(seconds))
+
+
+_BUILDERS: dict[str, ChunkBuilder] = {}
+
+
+def build_chunk(config_json: str, plan: ChunkPlan, counter: Any = None) -> str:
+    """The Ray task: one chunk, on one core, in a worker that keeps its ChunkBuilder between tasks."""
+    if config_json not in _BUILDERS:
+        _BUILDERS.clear()
+        _BUILDERS[config_json] = ChunkBuilder(BuildConfig.model_validate_json(config_json))
+    report = None if counter is None else (lambda p, r: counter.add.remote(p, r))
+    return _BUILDERS[config_json].build(plan, report).to_json()
+
+
+class BuildCounter:
+    """Pairs and rejects so far, reported by tasks after every batch (for the progress bar)."""
+
+    def __init__(self) -> None:
+        self.pairs = 0
+        self.rejects = 0
+
+    def add(self, pairs: int, rejects: int) -> None:
+        self.pairs += pairs
+        self.rejects += rejects
+
+    def totals(self) -> tuple[int, int]:
+        return self.pairs, self.rejects
+
+
+@dataclass
+class BuildReport:
+    out_dir: str
+    manifest: dict
+    stats: dict
+    rejects: pd.DataFrame
+
+
+class OutputInUse(InputError):
+    """The output folder holds a build with another configuration."""
+
+
+def _progress_uri(out: str, plan: ChunkPlan) -> str:
+    return storage.join(out, PROGRESS_DIR, f"{plan.name}.json")
+
+
+def _existing_config_hash(out: str) -> str | None:
+    uri = storage.join(out, CONFIG_FILE)
+    if not storage.exists(uri):
+        return None
+    try:
+        return BuildConfig.model_validate(yaml.safe_load(storage.read_bytes(uri))).config_hash()
+    except Exception:
+        return "unreadable"
+
+
+def _clear_output(out: str) -> None:
+    """Remove an earlier build's files (only the files a build writes)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out) if storage.is_remote(out) else (fsspec.filesystem("file"), out)
+    if not fs.exists(root):
+        return
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name == PROGRESS_DIR:
+            fs.rm(path, recursive=True)
+        elif name.startswith(SHARD_PREFIX) or name in (MANIFEST_FILE, REJECTS_FILE, STATS_FILE, CONFIG_FILE):
+            fs.rm(path)
+
+
+def prepare_output(config: BuildConfig, overwrite: bool) -> None:
+    existing = _existing_config_hash(config.out)
+    if existing is not None and existing != config.config_hash():
+        if not overwrite:
+            raise OutputInUse(
+                f"{config.out} holds a build with another configuration; rerun with --overwrite to replace it, "
+                "or choose another --out"
+            )
+        _clear_output(config.out)
+    _write(config.out, CONFIG_FILE, config_yaml(config, "build"))
+
+
+def _write(out: str, name: str, data: bytes) -> None:
+    with storage.StagedOutputs(out) as staged:
+        staged.put(name, data)
+        staged.commit()
+
+
+def recorded_chunks(config: BuildConfig, plans: list[ChunkPlan]) -> dict[int, ChunkRecord]:
+    """Chunks a previous run finished whose shards are still there, whole and unchanged."""
+    done = {}
+    for plan in plans:
+        uri = _progress_uri(config.out, plan)
+        if not storage.exists(uri):
+            continue
+        try:
+            record = ChunkRecord.from_json(storage.read_bytes(uri).decode())
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn record: rebuild the chunk
+        if record.plan_sha256 != plan_sha256(plan):
+            continue
+        if all(
+            storage.exists(storage.join(config.out, shard.name))
+            and file_sha256(storage.join(config.out, shard.name)) == shard.sha256
+            for shard in record.shards
+        ):
+            done[plan.index] = record
+    return done
+
+
+def _start_ray(address: str | None) -> bool:
+    """Connect to ``address`` (or RAY_ADDRESS), else start Ray in this process. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # One thread per library in each worker: Ray gives every task one core, parallelism comes from tasks.
+    threads = {name: "1" for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                      "MKL_NUM_THREADS")}
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": threads})
+    return True
+
+
+def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bool = True) -> BuildReport:
+    import ray
+
+    started = time.perf_counter()
+    candidates = load_candidates(config.candidates, config.images, config.limit)
+    plans = plan_chunks(candidates, config.shards.samples)
+    prepare_output(config, overwrite)
+    records = recorded_chunks(config, plans)
+    resumed = len(records)
+    todo = [plan for plan in plans if plan.index not in records]
+
+    if todo:
+        owns_ray = _start_ray(config.address)
+        try:
+            counter = ray.remote(num_cpus=0)(BuildCounter).remote()
+            task = ray.remote(build_chunk).options(num_cpus=1, max_retries=3)
+            limit = config.max_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            config_json = config.model_dump_json()
+            done_before = sum(r.pairs for r in records.values()), sum(len(r.rejects) for r in records.values())
+            with _Progress(len(candidates), done_before, enabled=show_progress) as progress:
+                queue = list(todo)
+                running: dict[Any, ChunkPlan] = {}
+                while queue or running:
+                    while queue and len(running) < limit:
+                        plan = queue.pop(0)
+                        running[task.remote(config_json, plan, counter)] = plan
+                    finished, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+                    for ref in finished:
+                        plan = running.pop(ref)
+                        record = ChunkRecord.from_json(ray.get(ref))
+                        _write(storage.join(config.out, PROGRESS_DIR), f"{plan.name}.json", record.to_json().encode())
+                        records[plan.index] = record
+                    progress.update(*ray.get(counter.totals.remote()))
+        finally:
+            if owns_ray:
+                ray.shutdown()
+
+    return _finish(config, plans, records, resumed, time.perf_counter() - started)
+
+
+def _finish(config: BuildConfig, plans: list[ChunkPlan], records: dict[int, ChunkRecord], resumed: int,
+            wall_seconds: float) -> BuildReport:
+    ordered = [records[plan.index] for plan in plans]
+    shards = [asdict(shard) for record in ordered for shard in record.shards]
+    rejects = sorted((r for record in ordered for r in record.rejects), key=lambda r: r.key)
+    pairs = sum(record.pairs for record in ordered)
+    manifest = {
+        "version": __version__,
+        "pipeline_version": PIPELINE_VERSION,
+        "config_hash": config.config_hash(),
+        "candidates": sum(len(plan.candidates) for plan in plans),
+        "pairs": pairs,
+        "rejects": len(rejects),
+        "shards": shards,
+    }
+    seconds: Counter[str] = Counter()
+    for record in ordered:
+        seconds.update(record.seconds)
+    stats = {
+        "pairs": pairs,
+        "rejects": dict(sorted(Counter(r.reason for r in rejects).items())),
+        "wall_seconds": round(wall_seconds, 3),
+        "pairs_per_second": round(pairs / wall_seconds, 3) if wall_seconds > 0 else None,
+        "stage_seconds": {name: round(value, 3) for name, value in sorted(seconds.items())},
+        "chunks": len(plans),
+        "chunks_resumed": resumed,
+    }
+    reject_table = pd.DataFrame([asdict(r) for r in rejects], columns=REJECT_SCHEMA.names)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(reject_table, schema=REJECT_SCHEMA, preserve_index=False), buffer)
+    with storage.StagedOutputs(config.out) as staged:
+        staged.put(MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+        staged.put(REJECTS_FILE, buffer.getvalue())
+        staged.put(STATS_FILE, (json.dumps(stats, indent=2) + "\n").encode())
+        staged.commit()
+    return BuildReport(config.out, manifest, stats, reject_table)
+
+
+class _Progress:
+    """A rich progress bar of candidates done (pairs + rejects), with pairs/s and ETA."""
+
+    def __init__(self, total: int, done_before: tuple[int, int], enabled: bool) -> None:
+        self.total = total
+        self.base_pairs, self.base_rejects = done_before
+        self.enabled = enabled
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("build"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+            self.bar.__enter__()
+            self.task = self.bar.add_task("build", total=self.total, rate="",
+                                          completed=self.base_pairs + self.base_rejects)
+        return self
+
+    def update(self, pairs: int, rejects: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(self.task, completed=self.base_pairs + self.base_rejects + pairs + rejects,
+                        rate=f"{pairs / elapsed:.1f} pairs/s, {self.base_rejects + rejects} rejects")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)

@@ -76,12 +76,14 @@ class FetchConfig(_Settings):
     read_timeout: float = Field(30.0, gt=0, description="seconds without data before a read gives up")
     retries: int = Field(3, ge=0, le=10, description="retries after a timeout, a connection error or a 5xx")
     backoff: float = Field(1.0, ge=0, description="first retry delay in seconds, doubled each retry")
-    anonymous: bool = Field(True, description="read object-store prefixes without credentials (public buckets)")
+    anonymous: bool | Literal["auto"] = Field(
+        "auto", description="read s3:// without credentials; auto: only when no AWS credentials are configured"
+    )
 
 
 class ShardConfig(_Settings):
     samples: int = Field(1000, ge=1, description="candidates planned per shard")
-    max_bytes: int = Field(2_000_000_000, ge=1_000_000, description="a shard over this is split into parts")
+    max_bytes: int = Field(2_000_000_000, ge=65_536, description="a shard over this is split into parts")
 
 
 class BuildConfig(_Settings):

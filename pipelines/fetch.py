@@ -67,7 +67,7 @@ class PhotoFetcher:
         except requests.ConnectionError as exc:
             raise _Retryable("connection_error", f"{type(exc).__name__}: {exc}") from exc
         status = response.status_code
-        if status == 404 or status == 410:
+        if status == 404:
             raise PairRejected("fetch", "http_404", f"{url}: HTTP {status}")
         if status >= 500 or status == 429:
             raise _Retryable("http_error", f"HTTP {status}")
@@ -81,10 +81,18 @@ class PhotoFetcher:
     def _filesystem(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         protocol = uri.split("://", 1)[0] if storage.is_remote(uri) else "file"
         if protocol not in self._filesystems:
-            options = {"anon": True} if protocol in ("s3", "gs", "gcs") and self.config.anonymous else {}
+            options = {"anon": True} if protocol == "s3" and self._anonymous_s3() else {}
             self._filesystems[protocol] = fsspec.filesystem(protocol, **options)
         fs = self._filesystems[protocol]
         return fs, fs._strip_protocol(uri) if storage.is_remote(uri) else str(storage.local_path(uri))
+
+    def _anonymous_s3(self) -> bool:
+        """Public buckets (OpenImages' own) need no account; private ones need the configured one."""
+        if self.config.anonymous != "auto":
+            return bool(self.config.anonymous)
+        import botocore.session
+
+        return botocore.session.Session().get_credentials() is None
 
     def _read(self, uri: str) -> bytes:
         fs, path = self._filesystem(uri)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import io
+import socket
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,34 @@ def photos(tmp_path_factory) -> dict[str, Path]:
         Image.fromarray(getattr(data, name)()).convert("RGB").save(path)
         written[name] = path
     return written
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A local S3-compatible server (moto) on 127.0.0.1, with a bucket ``corpus``."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    import requests
+
+    # moto keeps its buckets per process, not per server: start each test from an empty store
+    requests.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=10).raise_for_status()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    s3fs.S3FileSystem.clear_instance_cache()  # cached clients would still talk to an earlier test's server
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("corpus")
+    yield fs
+    server.stop()
+
+

@@ -1,0 +1,239 @@
+"""The build job on a real local Ray: shards, manifest, rejects, determinism, resume, config guard."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from subjectpairs.curation.candidates import run_filter
+from subjectpairs.pipelines.build import OutputInUse, run_build
+from subjectpairs.pipelines.config import BuildConfig
+from subjectpairs.pipelines.demo import write_demo_data
+from subjectpairs.pipelines.shards import read_shard
+
+pytestmark = pytest.mark.slow
+KEY = re.compile(r"^[0-9a-f]{16}_[0-9a-z_-]+$")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    filter_config, images, pool = write_demo_data(folder, scenes=6, seed=3)
+    report = run_filter(filter_config)
+    return {"candidates": str(Path(report.out_dir) / "candidates.parquet"), "images": str(images),
+            "pool": str(pool), "count": report.funnel["kept"]}
+
+
+def config_for(out: Path, inputs: dict, **changes) -> BuildConfig:
+    settings = {
+        "out": str(out), "candidates": inputs["candidates"], "images": inputs["images"],
+        "pair": {"segmenter": {"kind": "grabcut"}, "size": 256, "composite": {"backgrounds": [inputs["pool"]]}},
+        "shards": {"samples": 3}, "batch_size": 2,
+    }
+    for key, value in changes.items():
+        *sections, name = key.split("__")
+        target = settings
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = value
+    return BuildConfig.model_validate(settings)
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("pairs-*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def first_build(ray_local, demo_inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "shards"
+    report = run_build(config_for(out, demo_inputs), show_progress=False)
+    return out, report
+
+
+def test_every_candidate_is_a_pair_or_a_recorded_rejection(first_build, demo_inputs):
+    out, report = first_build
+    manifest = json.loads((out / "manifest.json").read_text())
+    rejects = pd.read_parquet(out / "rejects.parquet")
+    keys = [s["__key__"].decode() for name in shard_bytes(out) for s in read_shard(str(out / name))]
+    assert manifest["candidates"] == demo_inputs["count"] == len(keys) + len(rejects)
+    assert len(keys) == len(set(keys)) == manifest["pairs"] and not set(keys) & set(rejects["key"])
+    assert keys == sorted(keys) and all(KEY.match(k) for k in keys)
+    assert set(rejects["reason"]) == {"decode_error", "not_found"}
+    assert set(rejects["stage"]) == {"decode", "fetch"}
+    assert all(rejects["detail"].str.len() > 0)
+
+
+def test_shards_follow_the_format(first_build):
+    out, _ = first_build
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == sorted(shard_bytes(out))
+    for entry in manifest["shards"]:
+        path = out / entry["name"]
+        assert entry["bytes"] == path.stat().st_size and entry["samples"] <= 3
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+            assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.mode == 0o444 for m in members)
+            assert [m.name for m in members] == sorted(m.name for m in members)
+        for sample in read_shard(str(path)):
+            assert set(sample) == {"__key__", "input.jpg", "target.jpg", "alpha.png", "trimap.png", "json"}
+            meta = json.loads(sample["json"])
+            assert meta["key"] == sample["__key__"].decode() == f"{meta['image_id']}_{meta['label_mid'][3:]}"
+            assert meta["config_hash"] == manifest["config_hash"] and meta["caption_source"] == "template"
+            assert meta["captions"] == [f"a photo of a {meta['category'].lower()}"]
+            assert meta["segmenter"]["name"] == "grabcut" and "seconds" not in meta
+            assert set(meta["metrics"]) >= {"alpha_in_box", "matting_residual"}
+            target = Image.open(io.BytesIO(sample["target.jpg"]))
+            alpha = Image.open(io.BytesIO(sample["alpha.png"]))
+            assert min(target.size) <= 256 and target.size == alpha.size == tuple(meta["size"])
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["pairs"] == manifest["pairs"] and stats["rejects"] == {"decode_error": 1, "not_found": 1}
+    assert {"fetch", "decode", "segment", "matting", "encode"} <= set(stats["stage_seconds"])
+    assert yaml.safe_load((out / "config.yaml").read_text())["shards"]["samples"] == 3
+
+
+def test_same_inputs_give_byte_identical_shards(first_build, demo_inputs, tmp_path):
+    out, _ = first_build
+    again = tmp_path / "again"
+    run_build(config_for(again, demo_inputs), show_progress=False)
+    assert shard_bytes(again) == shard_bytes(out)
+    assert (again / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
+    assert (again / "rejects.parquet").read_bytes() == (out / "rejects.parquet").read_bytes()
+
+
+def test_rerun_skips_whole_shards_and_rebuilds_damaged_or_missing_ones(first_build, demo_inputs, tmp_path):
+    out, _ = first_build
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in out.rglob("*"):
+        if path.is_file():
+            target = copy / path.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    names = sorted(shard_bytes(out))
+    (copy / names[0]).write_bytes(b"garbage")  # damaged
+    (copy / names[1]).unlink()  # lost
+    report = run_build(config_for(copy, demo_inputs), show_progress=False)
+    assert report.stats["chunks_resumed"] == report.stats["chunks"] - 2
+    assert shard_bytes(copy) == shard_bytes(out)
+
+
+def test_a_different_config_is_refused_unless_overwrite(first_build, demo_inputs, tmp_path):
+    out = tmp_path / "guarded"
+    run_build(config_for(out, demo_inputs, shards__samples=4), show_progress=False)
+    with pytest.raises(OutputInUse, match="--overwrite"):
+        run_build(config_for(out, demo_inputs, pair__seed=9), show_progress=False)
+    report = run_build(config_for(out, demo_inputs, pair__seed=9), overwrite=True, show_progress=False)
+    assert report.manifest["config_hash"] == config_for(out, demo_inputs, pair__seed=9).config_hash()
+    assert all(p.name in {s["name"] for s in report.manifest["shards"]} for p in out.glob("pairs-*.tar"))
+
+
+def test_runtime_settings_do_not_change_the_config_hash(demo_inputs, tmp_path):
+    base = config_for(tmp_path / "a", demo_inputs)
+    assert config_for(tmp_path / "b", demo_inputs, max_tasks=1).config_hash() == base.config_hash()
+    assert config_for(tmp_path / "a", demo_inputs, pair__seed=1).config_hash() != base.config_hash()
+
+
+def test_byte_cap_splits_a_chunk_into_parts(ray_local, demo_inputs, tmp_path):
+    out = tmp_path / "capped"
+    report = run_build(config_for(out, demo_inputs, shards__samples=50, shards__max_bytes=300_000),
+                       show_progress=False)
+    names = [s["name"] for s in report.manifest["shards"]]
+    assert len(names) > 1 and names[0] == "pairs-000000.tar" and names[1] == "pairs-000000-1.tar"
+    assert all(s["bytes"] <= 300_000 + 20_480 or s["samples"] == 1 for s in report.manifest["shards"])
+    assert sum(s["samples"] for s in report.manifest["shards"]) == report.manifest["pairs"]
+
+
+def test_sigkill_halfway_then_rerun_equals_an_uninterrupted_build(first_build, demo_inputs, tmp_path):
+    out, _ = first_build
+    config_file = tmp_path / "build.yaml"
+    killed = tmp_path / "killed"
+    settings = config_for(killed, demo_inputs, max_tasks=1).model_dump(mode="json")
+    config_file.write_text(yaml.safe_dump(settings))
+    command = [str(Path(sys.executable).parent / "subjectpairs"), "build", "--config", str(config_file)]
+    env = dict(os.environ, RAY_ADDRESS="")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    progress = killed / ".progress"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (progress.exists() and any(progress.glob("*.json"))):
+        time.sleep(0.2)
+    assert process.poll() is None, "the build finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-build
+    process.wait()
+    assert not (killed / "manifest.json").exists()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "resumed" in done.stdout
+    assert shard_bytes(killed) == shard_bytes(out)
+    assert (killed / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
+    assert not list(killed.glob(".*partial*")) and not list(killed.glob("*.tmp-*"))
+
+
+def test_candidates_without_a_photo_source_are_a_clear_error(tmp_path):
+    table = pd.DataFrame({"image_id": ["a"], "label_mid": ["/m/01yrx"], "category": ["Cat"], "xmin": [0.1],
+                          "xmax": [0.9], "ymin": [0.1], "ymax": [0.9]})
+    table.to_parquet(tmp_path / "c.parquet")
+    from subjectpairs.errors import InputError
+
+    with pytest.raises(InputError, match="--images"):
+        run_build(BuildConfig(out=str(tmp_path / "o"), candidates=str(tmp_path / "c.parquet")), show_progress=False)
+
+
+def test_contact_sheet_shows_the_pairs(first_build, tmp_path):
+    from subjectpairs.pipelines.demo import contact_sheet
+
+    out, report = first_build
+    sheet = contact_sheet([str(out / s["name"]) for s in report.manifest["shards"]], tmp_path / "sheet.png", limit=4)
+    image = np.asarray(Image.open(sheet))
+    assert image.shape[0] == 4 * (128 + 4) and image.std() > 10
+
+
+def test_photos_over_http_from_the_url_column(ray_local, demo_inputs, tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=demo_inputs["images"])
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        table = pd.read_parquet(demo_inputs["candidates"])
+        table["url"] = [f"http://127.0.0.1:{httpd.server_address[1]}/{i}.jpg" for i in table.image_id]
+        table.to_parquet(tmp_path / "with-urls.parquet")
+        config = config_for(tmp_path / "http", demo_inputs, candidates=str(tmp_path / "with-urls.parquet"),
+                            images=None, fetch={"retries": 1, "backoff": 0.01})
+        report = run_build(config, show_progress=False)
+    finally:
+        httpd.shutdown()
+    assert report.manifest["pairs"] == demo_inputs["count"] - 2
+    assert dict(zip(report.rejects.reason, report.rejects.stage)) == {"decode_error": "decode", "http_404": "fetch"}
+    sample = read_shard(str(tmp_path / "http" / report.manifest["shards"][0]["name"]))[0]
+    assert json.loads(sample["json"])["source"].startswith("http://127.0.0.1:")

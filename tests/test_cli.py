@@ -65,9 +65,15 @@ def test_invalid_option_value(tmp_path, classes_csv):
     assert "rules.duplicates" in result.output
 
 
+@pytest.mark.slow
 def test_demo(tmp_path):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--rows", "20000"])
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--scenes", "6"])
     assert result.exit_code == 0, result.output
     funnel = json.loads((tmp_path / "demo" / "candidates" / "funnel.json").read_text())
-    assert funnel["rows"] > 19_000 and 0 < funnel["kept"] < funnel["after"]["candidates"]
-    assert funnel["images"]["without_url"] == 0
+    # the astronaut (Person), the rocket (aspect), groups, repeats and small boxes are all filtered out
+    assert all(funnel["dropped"][rule] > 0 for rule in ("excluded_class", "group", "aspect", "area"))
+    manifest = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
+    assert manifest["candidates"] == funnel["kept"] == manifest["pairs"] + manifest["rejects"]
+    assert manifest["pairs"] >= 5 and manifest["rejects"] == 2  # a corrupt photo and a missing one
+    assert (tmp_path / "demo" / "contact-sheet.png").stat().st_size > 10_000
+    assert "decode_error" in result.output and "contact sheet" in result.output

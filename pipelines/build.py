@@ -28,7 +28,7 @@ from subjectpairs import __version__, storage
 from subjectpairs.configfile import config_yaml
 from subjectpairs.errors import InputError
 from subjectpairs.pipelines.captions import Captions
-from subjectpairs.pipelines.config import BuildConfig
+from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, BuildConfig
 from subjectpairs.pipelines.fetch import PhotoFetcher
 from subjectpairs.pipelines.pairs import PIPELINE_VERSION, Pair, PairBuilder, PairRequest
 from subjectpairs.pipelines.rejections import PairRejected, Rejection
@@ -147,16 +147,82 @@ class ChunkBuilder:
         return ChunkRecord(plan.index, plan_sha256(plan), shards, pairs, rejects, dict(seconds))
 
 
+class SegmenterActor:
+    """CLIPSeg loaded once, on one GPU when there is one, serving the batches of many CPU tasks."""
+
+    def __init__(self, config_json: str) -> None:
+        from subjectpairs.pipelines.segmenters import ClipSegSegmenter
+
+        settings = BuildConfig.model_validate_json(config_json).pair.segmenter
+        self.segmenter = ClipSegSegmenter.from_pretrained(
+            settings.model or DEFAULT_CLIPSEG, device=settings.device, batch_size=settings.batch_size
+        )
+
+    def describe(self) -> tuple[dict[str, Any], tuple[int, int]]:
+        return self.segmenter.describe(), self.segmenter.input_size
+
+    def probabilities(self, shrunk: list, prompts: list[str]) -> Any:
+        return self.segmenter.probabilities(shrunk, prompts)
+
+
+class RemoteSegmenter:
+    """The segmenter interface inside a task, backed by a :class:`SegmenterActor`: images are shrunk to
+    the model's input size here, maps are brought back to full size here; only small arrays travel."""
+
+    name = "clipseg"
+
+    def __init__(self, actor: Any) -> None:
+        import ray
+
+        self.actor = actor
+        self._description, self._input_size = ray.get(actor.describe.remote())
+
+    def describe(self) -> dict[str, Any]:
+        return self._description
+
+    def segment(self, images: Any, prompts: Any, boxes: Any) -> list:
+        import ray
+
+        from subjectpairs.pipelines.segmenters import shrink_for_model, upsample_maps
+
+        shrunk = shrink_for_model(images, self._input_size)
+        return upsample_maps(images, ray.get(self.actor.probabilities.remote(shrunk, list(prompts))))
+
+
 _BUILDERS: dict[str, ChunkBuilder] = {}
+_REMOTE_SEGMENTERS: dict[Any, RemoteSegmenter] = {}
 
 
-def build_chunk(config_json: str, plan: ChunkPlan, counter: Any = None) -> str:
+def build_chunk(config_json: str, plan: ChunkPlan, counter: Any = None, segmenter_actor: Any = None) -> str:
     """The Ray task: one chunk, on one core, in a worker that keeps its ChunkBuilder between tasks."""
     if config_json not in _BUILDERS:
         _BUILDERS.clear()
         _BUILDERS[config_json] = ChunkBuilder(BuildConfig.model_validate_json(config_json))
+    builder = _BUILDERS[config_json]
+    if segmenter_actor is not None:
+        if segmenter_actor not in _REMOTE_SEGMENTERS:  # handles hash by actor id
+            _REMOTE_SEGMENTERS[segmenter_actor] = RemoteSegmenter(segmenter_actor)
+        builder.pairs.segmenter = _REMOTE_SEGMENTERS[segmenter_actor]
     report = None if counter is None else (lambda p, r: counter.add.remote(p, r))
-    return _BUILDERS[config_json].build(plan, report).to_json()
+    return builder.build(plan, report).to_json()
+
+
+def start_segmenter_actors(config: BuildConfig) -> list[Any]:
+    """One CLIPSeg actor per GPU by default (none without GPUs or without CLIPSeg)."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    count = config.segment_actors
+    if count is None:
+        count = gpus if config.uses_clipseg() else 0
+    if count == 0:
+        return []
+    if not config.uses_clipseg():
+        raise InputError("segment_actors serve CLIPSeg: set pair.segmenter.kind=clipseg (or a model)")
+    resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    actor_class = ray.remote(SegmenterActor).options(max_restarts=3, max_task_retries=3, **resources)
+    config_json = config.model_dump_json()
+    return [actor_class.remote(config_json) for _ in range(count)]
 
 
 class BuildCounter:
@@ -284,6 +350,7 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
         owns_ray = _start_ray(config.address)
         try:
             counter = ray.remote(num_cpus=0)(BuildCounter).remote()
+            segmenters = start_segmenter_actors(config)
             task = ray.remote(build_chunk).options(num_cpus=1, max_retries=3)
             limit = config.max_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
             config_json = config.model_dump_json()
@@ -294,7 +361,8 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
                 while queue or running:
                     while queue and len(running) < limit:
                         plan = queue.pop(0)
-                        running[task.remote(config_json, plan, counter)] = plan
+                        actor = segmenters[plan.index % len(segmenters)] if segmenters else None
+                        running[task.remote(config_json, plan, counter, actor)] = plan
                     finished, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                     for ref in finished:
                         plan = running.pop(ref)

@@ -104,8 +104,18 @@ class BuildConfig(_Settings):
     # How the job runs, not what it makes: left out of the config hash.
     address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS, else a local Ray")
     max_tasks: int | None = Field(None, ge=1, description="shard tasks in flight; default: the cluster's CPUs")
+    segment_actors: int | None = Field(
+        None, ge=0,
+        description="CLIPSeg actors shared by the tasks (one GPU each when the cluster has GPUs); "
+                    "default: one per GPU for CLIPSeg, none (segment inside each task) otherwise",
+    )
 
-    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("out", "address", "max_tasks")
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("out", "address", "max_tasks", "segment_actors")
+
+    def uses_clipseg(self) -> bool:
+        return self.pair.segmenter.kind == "clipseg" or (
+            self.pair.segmenter.kind == "auto" and self.pair.segmenter.model is not None
+        )
 
     def config_hash(self) -> str:
         """SHA-256 of the settings that decide the shards' bytes (not where or how fast they are made)."""

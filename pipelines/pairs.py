@@ -170,6 +170,10 @@ class PairBuilder:
             self._segmenter = build_segmenter(self.config.segmenter)
         return self._segmenter
 
+    @segmenter.setter
+    def segmenter(self, segmenter: Segmenter) -> None:
+        self._segmenter = segmenter
+
     def build(self, requests: Iterable[PairRequest]) -> list[Pair | Rejection]:
         """One result per request, in order. A key seen twice is rejected the second time, so a batch
         never yields the same sample twice."""

@@ -72,28 +72,51 @@ class ClipSegSegmenter:
         dtype = "bfloat16-autocast" if self.autocast_dtype is not None else "float32"
         return {"name": self.name, "model": self.source, "device": str(self.device), "dtype": dtype}
 
-    def _logits(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> np.ndarray:
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) the model sees."""
+        size = self.processor.image_processor.size
+        return int(size["width"]), int(size["height"])
+
+    def probabilities(self, shrunk: Sequence[np.ndarray], prompts: Sequence[str]) -> np.ndarray:
+        """Sigmoid maps (B, h, w) for images already shrunk to ``input_size``, in batches."""
         import torch
 
-        inputs = self.processor(text=list(prompts), images=list(images), padding=True, return_tensors="pt")
-        inputs = {name: tensor.to(self.device) for name, tensor in inputs.items()}
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
-        ):
-            logits = self.model(**inputs).logits
-        # One image gives (H, W) in some transformers versions and (1, H, W) in others.
-        logits = logits.reshape(len(images), *logits.shape[-2:])
-        return torch.sigmoid(logits.float()).cpu().numpy()
+        maps = []
+        for start in range(0, len(shrunk), self.batch_size):
+            chunk = list(shrunk[start:start + self.batch_size])
+            inputs = self.processor(text=list(prompts[start:start + self.batch_size]), images=chunk,
+                                    padding=True, return_tensors="pt")
+            inputs = {name: tensor.to(self.device) for name, tensor in inputs.items()}
+            with torch.inference_mode(), torch.autocast(
+                self.device.type, dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ):
+                logits = self.model(**inputs).logits
+            # One image gives (H, W) in some transformers versions and (1, H, W) in others.
+            logits = logits.reshape(len(chunk), *logits.shape[-2:])
+            maps.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return np.concatenate(maps)
 
     def segment(self, images: Sequence[np.ndarray], prompts: Sequence[str], boxes: Sequence[Box]) -> list[np.ndarray]:
-        maps: list[np.ndarray] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            probs = self._logits(chunk, prompts[start:start + self.batch_size])
-            for image, prob in zip(chunk, probs):
-                height, width = image.shape[:2]
-                maps.append(cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR))
-        return maps
+        return upsample_maps(images, self.probabilities(shrink_for_model(images, self.input_size), prompts))
+
+
+def shrink_for_model(images: Sequence[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
+    """Images squashed to the model's input size (as CLIPSeg's processor does), with area averaging.
+
+    Done before the images travel to a model (a GPU actor) so 352x352 arrays cross the network, not
+    full photos, and the processor's own resize becomes a no-op.
+    """
+    return [cv2.resize(image, size, interpolation=cv2.INTER_AREA) for image in images]
+
+
+def upsample_maps(images: Sequence[np.ndarray], probs: np.ndarray) -> list[np.ndarray]:
+    """Each map brought back to its image's size."""
+    return [
+        cv2.resize(prob, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+        for image, prob in zip(images, probs)
+    ]
 
 
 class GrabCutSegmenter:

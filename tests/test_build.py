@@ -237,3 +237,17 @@ def test_photos_over_http_from_the_url_column(ray_local, demo_inputs, tmp_path):
     assert dict(zip(report.rejects.reason, report.rejects.stage)) == {"decode_error": "decode", "http_404": "fetch"}
     sample = read_shard(str(tmp_path / "http" / report.manifest["shards"][0]["name"]))[0]
     assert json.loads(sample["json"])["source"].startswith("http://127.0.0.1:")
+
+
+def test_clipseg_actor_serves_the_tasks_with_the_same_result(ray_local, demo_inputs, tiny_clipseg, tmp_path):
+    # an untrained tiny model's maps are faint: a thin band keeps some foreground to compare pixels on
+    clipseg = {"segmenter": {"kind": "clipseg", "model": str(tiny_clipseg), "device": "cpu"}, "size": 128,
+               "trimap": {"band_px": 1, "cleanup_px": 0}, "composite": {"backgrounds": [demo_inputs["pool"]]}}
+    in_task = run_build(config_for(tmp_path / "in-task", demo_inputs, pair=clipseg, segment_actors=0),
+                        show_progress=False)
+    served = run_build(config_for(tmp_path / "actor", demo_inputs, pair=clipseg, segment_actors=1),
+                       show_progress=False)
+    assert served.manifest == in_task.manifest and served.manifest["pairs"] > 0
+    assert shard_bytes(tmp_path / "actor") == shard_bytes(tmp_path / "in-task")
+    sample = read_shard(str(tmp_path / "actor" / served.manifest["shards"][0]["name"]))[0]
+    assert json.loads(sample["json"])["segmenter"]["model"] == str(tiny_clipseg)

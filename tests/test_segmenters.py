@@ -36,8 +36,10 @@ def test_clipseg_maps_are_the_models_sigmoid_resized(tiny_clipseg):
     (mapped,) = segmenter.segment(IMAGES[1:2], PROMPTS[1:2], BOXES[:1])
     processor = CLIPSegProcessor.from_pretrained(str(tiny_clipseg))
     model = CLIPSegForImageSegmentation.from_pretrained(str(tiny_clipseg)).eval()
+    shrunk = cv2.resize(IMAGES[1], (64, 64), interpolation=cv2.INTER_AREA)  # the tiny model sees 64x64
+    assert segmenter.input_size == (64, 64)
     with torch.no_grad():
-        logits = model(**processor(text=["coffee cup"], images=[IMAGES[1]], return_tensors="pt")).logits
+        logits = model(**processor(text=["coffee cup"], images=[shrunk], return_tensors="pt")).logits
     expected = cv2.resize(torch.sigmoid(logits).reshape(logits.shape[-2:]).numpy(), (600, 400))
     assert np.allclose(mapped, expected, atol=1e-5)
     assert mapped.std() > 0  # a real map, not a constant

@@ -27,7 +27,7 @@ import yaml
 from subjectpairs import __version__, storage
 from subjectpairs.configfile import config_yaml
 from subjectpairs.errors import InputError
-from subjectpairs.pipelines.captions import Captions
+from subjectpairs.pipelines.captions import Blip2Captioner, Captions, template_caption
 from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, BuildConfig
 from subjectpairs.pipelines.fetch import PhotoFetcher
 from subjectpairs.pipelines.pairs import PIPELINE_VERSION, Pair, PairBuilder, PairRequest
@@ -96,6 +96,27 @@ class ChunkBuilder:
         self.pairs = PairBuilder(config.pair)
         self.fetcher = PhotoFetcher(config.fetch)
         self.captions = Captions.from_jsonl(config.captions) if config.captions else Captions.template_only()
+        settings = config.captioner
+        self.captioner = None if settings.model is None else Blip2Captioner.from_pretrained(
+            settings.model, device=settings.device, keep=settings.keep, samples=settings.samples,
+            max_new_tokens=settings.max_new_tokens, seed=config.pair.seed,
+        )
+
+    def _captions(self, done: list[tuple[Candidate, Pair]]) -> list[tuple[list[str], str]]:
+        """Per pair: the captions file's, else the captioner's (one batch), else the template."""
+        found = [(self.captions.from_file(c.image_id, c.category), "captions.jsonl") for c, _ in done]
+        missing = [i for i, (captions, _) in enumerate(found) if not captions]
+        if self.captioner is not None and missing:
+            generated = self.captioner.caption(
+                [done[i][1].target for i in missing], [done[i][0].category for i in missing],
+                [done[i][0].key for i in missing],
+            )
+            for index, captions in zip(missing, generated):
+                found[index] = (captions, self.captioner.name)
+        return [
+            (captions, source) if captions else (template_caption(candidate.category), "template")
+            for (captions, source), (candidate, _) in zip(found, done)
+        ]
 
     def _fetch_batch(self, batch: tuple[Candidate, ...]) -> list[PairRequest | Rejection]:
         def fetch(candidate: Candidate) -> PairRequest | Rejection:
@@ -122,23 +143,26 @@ class ChunkBuilder:
                 seconds["fetch"] += time.perf_counter() - started
                 requests = [item for item in fetched if isinstance(item, PairRequest)]
                 built = iter(self.pairs.build(requests))
-                batch_pairs = 0
+                done: list[tuple[Candidate, Pair]] = []
                 for candidate, item in zip(batch, fetched):
                     result = item if isinstance(item, Rejection) else next(built)
                     if isinstance(result, Rejection):
                         rejects.append(result)
-                        continue
-                    captions, source = self.captions.for_subject(candidate.image_id, candidate.category)
+                    else:
+                        done.append((candidate, result))
+                started = time.perf_counter()
+                captions = self._captions(done)
+                seconds["caption"] += time.perf_counter() - started
+                for (candidate, pair), (texts, source) in zip(done, captions):
                     encode_started = time.perf_counter()
-                    members = result.members()
-                    members["json"] = sample_json(result, candidate, captions, source, self.config_hash)
+                    members = pair.members()
+                    members["json"] = sample_json(pair, candidate, texts, source, self.config_hash)
                     writer.write(candidate.key, members)
-                    seconds.update(result.seconds)
+                    seconds.update(pair.seconds)
                     seconds["encode"] += time.perf_counter() - encode_started
-                    batch_pairs += 1
-                pairs += batch_pairs
+                pairs += len(done)
                 if report is not None:
-                    report(batch_pairs, len(batch) - batch_pairs)
+                    report(len(done), len(batch) - len(done))
             started = time.perf_counter()
             shards = writer.publish()
             seconds["publish"] += time.perf_counter() - started

@@ -86,6 +86,14 @@ class ShardConfig(_Settings):
     max_bytes: int = Field(2_000_000_000, ge=65_536, description="a shard over this is split into parts")
 
 
+class CaptionerConfig(_Settings):
+    model: str | None = Field(None, description="BLIP-2 hub id or folder (the paper: Salesforce/blip2-opt-6.7b)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    keep: int = Field(5, ge=1, description="captions kept per photo (those that mention the label)")
+    samples: int = Field(10, ge=1, description="captions sampled per photo before filtering")
+    max_new_tokens: int = Field(30, ge=1)
+
+
 class BuildConfig(_Settings):
     """One build: candidates in, WebDataset shards out. Keys that change the shards make the config hash."""
 
@@ -96,6 +104,7 @@ class BuildConfig(_Settings):
         description="folder or URI prefix holding <ImageID>.jpg; default: the candidates' filepath, else url",
     )
     captions: str | None = Field(None, description="captions.jsonl (image_id, label, captions)")
+    captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
     limit: int | None = Field(None, ge=1, description="build only the first N candidates (by key)")
     batch_size: int = Field(16, ge=1, description="samples a task decodes, segments and mattes together")
     pair: PairConfig = Field(default_factory=PairConfig)

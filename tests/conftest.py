@@ -108,3 +108,10 @@ def s3(monkeypatch):
     server.stop()
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny_blip2(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny_blip2
+
+    return save_tiny_blip2(tmp_path_factory.mktemp("blip2") / "tiny-blip2")

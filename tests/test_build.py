@@ -251,3 +251,23 @@ def test_clipseg_actor_serves_the_tasks_with_the_same_result(ray_local, demo_inp
     assert shard_bytes(tmp_path / "actor") == shard_bytes(tmp_path / "in-task")
     sample = read_shard(str(tmp_path / "actor" / served.manifest["shards"][0]["name"]))[0]
     assert json.loads(sample["json"])["segmenter"]["model"] == str(tiny_clipseg)
+
+
+def test_captions_come_from_the_file_then_the_captioner_then_the_template(ray_local, demo_inputs, tiny_blip2,
+                                                                         tmp_path):
+    table = pd.read_parquet(demo_inputs["candidates"]).sort_values("image_id")
+    chosen = table.iloc[0]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"image_id": chosen.image_id, "label": chosen.category,
+                                    "captions": ["a hand-written caption"]}) + "\n")
+    config = config_for(tmp_path / "captioned", demo_inputs, captions=str(captions),
+                        captioner={"model": str(tiny_blip2), "device": "cpu", "samples": 2, "max_new_tokens": 4})
+    report = run_build(config, show_progress=False)
+    metas = [json.loads(s["json"]) for shard in report.manifest["shards"]
+             for s in read_shard(str(tmp_path / "captioned" / shard["name"]))]
+    by_image = {meta["image_id"]: meta for meta in metas}
+    assert by_image[chosen.image_id]["captions"] == ["a hand-written caption"]
+    assert by_image[chosen.image_id]["caption_source"] == "captions.jsonl"
+    # an untrained BLIP-2 never names the label, so CapFilt keeps nothing and the template stands in
+    others = [meta for meta in metas if meta["image_id"] != chosen.image_id]
+    assert others and all(meta["caption_source"] == "template" for meta in others)

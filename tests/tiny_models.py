@@ -58,3 +58,40 @@ def save_tiny_clipseg(folder: Path, image_size: int = 64, seed: int = 0) -> Path
     CLIPSegForImageSegmentation(config).save_pretrained(folder)
     CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def save_tiny_blip2(folder: Path, seed: int = 0) -> Path:
+    """A tiny BLIP-2 (ViT + Q-Former + OPT) with a byte-level tokenizer, saved like a hub checkpoint."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+    from transformers import GPT2TokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {symbol: index for index, symbol in enumerate(bytes_to_unicode().values())}
+    for special in ("</s>", "<pad>", "<unk>"):
+        vocab[special] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    queries = 4
+    config = Blip2Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        qformer_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                        "num_attention_heads": 2, "encoder_hidden_size": 32, "vocab_size": len(tokenizer)},
+        text_config={"model_type": "opt", "vocab_size": len(tokenizer), "hidden_size": 32, "ffn_dim": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "word_embed_proj_dim": 32,
+                     "max_position_embeddings": 64, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        num_query_tokens=queries, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
+                   num_query_tokens=queries).save_pretrained(folder)
+    return folder

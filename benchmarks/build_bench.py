@@ -8,7 +8,7 @@ on a GPU (about 7,800 images/s in bf16 on one H200, REFERENCE.md: far above what
 
 Target: efficiency >= 0.8; under an hour for 292K pairs on a 64-core + 1-GPU node.
 
-Usage: python benchmarks/build_bench.py [--scenes 60] [--workers 1 2]
+Usage: python benchmarks/build_bench.py [--scenes 160] [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ NODE_CORES = 64
 TARGET_EFFICIENCY = 0.8
 
 
-def measure(workers: int, candidates: str, images: str, pool: str, out: Path) -> dict:
+def measure(workers: int, candidates: str, images: str, pool: str, out: Path, progress: bool) -> dict:
     import ray
 
     from subjectpairs.pipelines.build import run_build
@@ -39,9 +39,10 @@ def measure(workers: int, candidates: str, images: str, pool: str, out: Path) ->
             "shards": {"samples": 4}, "batch_size": 4,
         })
         # warm every worker (imports, numba cache load) on a throwaway build of the same data
-        run_build(config.model_copy(update={"out": str(out) + "-warmup", "limit": 4 * workers}), show_progress=False)
+        run_build(config.model_copy(update={"out": str(out) + "-warmup", "limit": 4 * workers}),
+                  show_progress=progress)
         started = time.perf_counter()
-        report = run_build(config, show_progress=False)
+        report = run_build(config, show_progress=progress)
         wall = time.perf_counter() - started
     finally:
         ray.shutdown()
@@ -58,8 +59,9 @@ def measure(workers: int, candidates: str, images: str, pool: str, out: Path) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenes", type=int, default=60)
+    parser.add_argument("--scenes", type=int, default=160)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--progress", action="store_true", help="draw the progress bar, as the CLI does")
     args = parser.parse_args()
 
     from subjectpairs.curation.candidates import run_filter
@@ -68,7 +70,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         filter_config, images, pool = write_demo_data(Path(folder), scenes=args.scenes, seed=0)
         candidates = str(Path(run_filter(filter_config).out_dir) / "candidates.parquet")
-        runs = [measure(w, candidates, str(images), str(pool), Path(folder) / f"out-{w}") for w in args.workers]
+        runs = [measure(w, candidates, str(images), str(pool), Path(folder) / f"out-{w}", args.progress)
+                for w in args.workers]
 
     for run in runs:
         stages = ", ".join(f"{k} {v / run['pairs'] * 1000:.0f}" for k, v in run["stages"].items())

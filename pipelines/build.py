@@ -31,6 +31,7 @@ from subjectpairs.pipelines.captions import Blip2Captioner, Captions, template_c
 from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, BuildConfig
 from subjectpairs.pipelines.fetch import PhotoFetcher
 from subjectpairs.pipelines.pairs import PIPELINE_VERSION, Pair, PairBuilder, PairRequest
+from subjectpairs.pipelines.progress import BuildCounter, BuildProgress
 from subjectpairs.pipelines.rejections import PairRejected, Rejection
 from subjectpairs.pipelines.shards import (
     SHARD_PREFIX, Candidate, ChunkPlan, ChunkWriter, ShardFile, file_sha256, load_candidates, plan_chunks,
@@ -249,21 +250,6 @@ def start_segmenter_actors(config: BuildConfig) -> list[Any]:
     return [actor_class.remote(config_json) for _ in range(count)]
 
 
-class BuildCounter:
-    """Pairs and rejects so far, reported by tasks after every batch (for the progress bar)."""
-
-    def __init__(self) -> None:
-        self.pairs = 0
-        self.rejects = 0
-
-    def add(self, pairs: int, rejects: int) -> None:
-        self.pairs += pairs
-        self.rejects += rejects
-
-    def totals(self) -> tuple[int, int]:
-        return self.pairs, self.rejects
-
-
 @dataclass
 class BuildReport:
     out_dir: str
@@ -373,13 +359,14 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
     if todo:
         owns_ray = _start_ray(config.address)
         try:
-            counter = ray.remote(num_cpus=0)(BuildCounter).remote()
+            # the counter only feeds the progress bar: without one, no extra actor process
+            counter = ray.remote(num_cpus=0)(BuildCounter).remote() if show_progress else None
             segmenters = start_segmenter_actors(config)
             task = ray.remote(build_chunk).options(num_cpus=1, max_retries=3)
             limit = config.max_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
             config_json = config.model_dump_json()
             done_before = sum(r.pairs for r in records.values()), sum(len(r.rejects) for r in records.values())
-            with _Progress(len(candidates), done_before, enabled=show_progress) as progress:
+            with BuildProgress(len(candidates), done_before, enabled=show_progress) as progress:
                 queue = list(todo)
                 running: dict[Any, ChunkPlan] = {}
                 while queue or running:
@@ -393,7 +380,8 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
                         record = ChunkRecord.from_json(ray.get(ref))
                         _write(storage.join(config.out, PROGRESS_DIR), f"{plan.name}.json", record.to_json().encode())
                         records[plan.index] = record
-                    progress.update(*ray.get(counter.totals.remote()))
+                    if counter is not None:
+                        progress.update(*ray.get(counter.totals.remote()))
         finally:
             if owns_ray:
                 ray.shutdown()
@@ -437,35 +425,3 @@ def _finish(config: BuildConfig, plans: list[ChunkPlan], records: dict[int, Chun
         staged.put(STATS_FILE, (json.dumps(stats, indent=2) + "\n").encode())
         staged.commit()
     return BuildReport(config.out, manifest, stats, reject_table)
-
-
-class _Progress:
-    """A rich progress bar of candidates done (pairs + rejects), with pairs/s and ETA."""
-
-    def __init__(self, total: int, done_before: tuple[int, int], enabled: bool) -> None:
-        self.total = total
-        self.base_pairs, self.base_rejects = done_before
-        self.enabled = enabled
-        self.started = time.perf_counter()
-
-    def __enter__(self) -> "_Progress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("build"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-            self.bar.__enter__()
-            self.task = self.bar.add_task("build", total=self.total, rate="",
-                                          completed=self.base_pairs + self.base_rejects)
-        return self
-
-    def update(self, pairs: int, rejects: int) -> None:
-        if not self.enabled:
-            return
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.bar.update(self.task, completed=self.base_pairs + self.base_rejects + pairs + rejects,
-                        rate=f"{pairs / elapsed:.1f} pairs/s, {self.base_rejects + rejects} rejects")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)

@@ -29,6 +29,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/filter_bench.py
 	$(BIN)/python benchmarks/pair_bench.py
+	$(BIN)/python benchmarks/build_bench.py --progress
 
 clean:
 	rm -rf $(VENV) demo benchmarks/.data .pytest_cache

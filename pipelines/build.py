@@ -331,6 +331,15 @@ def recorded_chunks(config: BuildConfig, plans: list[ChunkPlan]) -> dict[int, Ch
     return done
 
 
+def run_candidate_filter(config: BuildConfig) -> str:
+    """The filter as the build's first stage; returns its candidates.parquet."""
+    from subjectpairs.curation.candidates import CANDIDATES_FILE, run_filter
+    from subjectpairs.curation.config import FilterConfig
+
+    report = run_filter(FilterConfig.model_validate({**(config.filter or {}), "out": config.filter_out()}))
+    return storage.join(report.out_dir, CANDIDATES_FILE)
+
+
 def _start_ray(address: str | None) -> bool:
     """Connect to ``address`` (or RAY_ADDRESS), else start Ray in this process. True if we started it."""
     import ray
@@ -349,7 +358,8 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
     import ray
 
     started = time.perf_counter()
-    candidates = load_candidates(config.candidates, config.images, config.limit)
+    candidates_uri = config.candidates or run_candidate_filter(config)
+    candidates = load_candidates(candidates_uri, config.images, config.limit)
     plans = plan_chunks(candidates, config.shards.samples)
     prepare_output(config, overwrite)
     records = recorded_chunks(config, plans)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -98,7 +98,10 @@ class BuildConfig(_Settings):
     """One build: candidates in, WebDataset shards out. Keys that change the shards make the config hash."""
 
     out: str
-    candidates: str = Field(description="candidates.parquet from `subjectpairs filter`")
+    candidates: str | None = Field(None, description="candidates.parquet from `subjectpairs filter`")
+    filter: dict[str, Any] | None = Field(
+        None, description="or the filter's settings (bbox, classes, ...), to run it first into OUT/candidates"
+    )
     images: str | None = Field(
         None,
         description="folder or URI prefix holding <ImageID>.jpg; default: the candidates' filepath, else url",
@@ -120,6 +123,21 @@ class BuildConfig(_Settings):
     )
 
     RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("out", "address", "max_tasks", "segment_actors")
+
+    @model_validator(mode="after")
+    def _one_candidate_source(self) -> "BuildConfig":
+        if (self.candidates is None) == (self.filter is None):
+            raise ValueError("give either candidates (a candidates.parquet) or filter (the filter's settings)")
+        if self.filter is not None:
+            from subjectpairs.curation.config import FilterConfig
+
+            FilterConfig.model_validate({"out": self.filter_out(), **self.filter})  # fail at start-up
+        return self
+
+    def filter_out(self) -> str:
+        from subjectpairs.storage import join
+
+        return (self.filter or {}).get("out") or join(self.out, "candidates")
 
     def uses_clipseg(self) -> bool:
         return self.pair.segmenter.kind == "clipseg" or (

@@ -206,6 +206,8 @@ def build_summary(report) -> None:
 def build_command(
     out: Annotated[Optional[str], typer.Option(help="Output folder or URI for shards and manifest.")] = None,
     candidates: Annotated[Optional[str], typer.Option(help="candidates.parquet from `subjectpairs filter`.")] = None,
+    bbox: Annotated[Optional[str], typer.Option(help="Or run the filter first: box annotation CSV.")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="With --bbox: the class list CSV.")] = None,
     images: Annotated[
         Optional[str], typer.Option(help="Folder or URI prefix of <ImageID>.jpg (default: filepath or url column).")
     ] = None,
@@ -235,7 +237,8 @@ def build_command(
         "out": out, "candidates": candidates, "images": images, "captions": captions, "limit": limit,
         "address": address, "max_tasks": max_tasks, "pair.composite.backgrounds": backgrounds or None,
         "pair.segmenter.kind": segmenter, "pair.segmenter.model": model, "pair.size": size, "pair.seed": seed,
-        "shards.samples": samples_per_shard, **parse_settings(set_),
+        "shards.samples": samples_per_shard, "filter.bbox": bbox, "filter.classes": classes,
+        **parse_settings(set_),
     })
     try:
         report = run_build(settings, overwrite=overwrite)

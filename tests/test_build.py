@@ -271,3 +271,17 @@ def test_captions_come_from_the_file_then_the_captioner_then_the_template(ray_lo
     # an untrained BLIP-2 never names the label, so CapFilt keeps nothing and the template stands in
     others = [meta for meta in metas if meta["image_id"] != chosen.image_id]
     assert others and all(meta["caption_source"] == "template" for meta in others)
+
+
+def test_the_filter_can_run_as_the_first_stage(ray_local, demo_inputs, tmp_path):
+    folder = Path(demo_inputs["candidates"]).parents[1] / "openimages"
+    config = config_for(tmp_path / "from-boxes", demo_inputs, candidates=None,
+                        filter={"bbox": str(folder / "train-annotations-bbox.csv"),
+                                "classes": str(folder / "class-descriptions-boxable.csv")})
+    report = run_build(config, show_progress=False)
+    assert (tmp_path / "from-boxes" / "candidates" / "candidates.parquet").exists()
+    assert report.manifest["candidates"] == demo_inputs["count"]
+    with pytest.raises(ValueError, match="either candidates"):
+        config_for(tmp_path / "x", demo_inputs, filter={"bbox": "b.csv", "classes": "c.csv"})
+    with pytest.raises(ValueError, match="rules"):
+        config_for(tmp_path / "x", demo_inputs, candidates=None, filter={"bbox": "b", "classes": "c", "rules": 3})

@@ -14,7 +14,7 @@ from conftest import box_row, write_boxes
 from subjectpairs.cli import app
 
 runner = CliRunner()
-COMMANDS = ["filter", "pair", "demo", "version"]
+COMMANDS = ["filter", "pair", "build", "demo", "version"]
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
@@ -77,3 +77,16 @@ def test_demo(tmp_path):
     assert manifest["pairs"] >= 5 and manifest["rejects"] == 2  # a corrupt photo and a missing one
     assert (tmp_path / "demo" / "contact-sheet.png").stat().st_size > 10_000
     assert "decode_error" in result.output and "contact sheet" in result.output
+
+
+def test_build_flags_and_settings_are_validated_before_anything_runs(tmp_path):
+    base = ["build", "--out", str(tmp_path / "out"), "--candidates", str(tmp_path / "missing.parquet")]
+    result = runner.invoke(app, [*base, "--set", "nonsense"])
+    assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
+    result = runner.invoke(app, [*base, "--set", "pair.trimap.low=0.9"])
+    assert result.exit_code == 2 and "must be below high" in result.output
+    result = runner.invoke(app, [*base, "--set", "pair.colour=red"])
+    assert result.exit_code == 2 and "pair.colour" in result.output
+    result = runner.invoke(app, base)
+    assert result.exit_code == 2 and "missing.parquet" in result.output
+    assert not (tmp_path / "out").exists()

@@ -97,11 +97,18 @@ class ChunkBuilder:
         self.pairs = PairBuilder(config.pair)
         self.fetcher = PhotoFetcher(config.fetch)
         self.captions = Captions.from_jsonl(config.captions) if config.captions else Captions.template_only()
-        settings = config.captioner
-        self.captioner = None if settings.model is None else Blip2Captioner.from_pretrained(
-            settings.model, device=settings.device, keep=settings.keep, samples=settings.samples,
-            max_new_tokens=settings.max_new_tokens, seed=config.pair.seed,
-        )
+        self._captioner: Any = None
+
+    @property
+    def captioner(self) -> Any:
+        """The captioning stage: an actor's proxy when one was given, else BLIP-2 loaded here on first use."""
+        if self._captioner is None and self.config.captioner.model is not None:
+            self._captioner = load_captioner(self.config)
+        return self._captioner
+
+    @captioner.setter
+    def captioner(self, captioner: Any) -> None:
+        self._captioner = captioner
 
     def _captions(self, done: list[tuple[Candidate, Pair]]) -> list[tuple[list[str], str]]:
         """Per pair: the captions file's, else the captioner's (one batch), else the template."""
@@ -172,6 +179,46 @@ class ChunkBuilder:
         return ChunkRecord(plan.index, plan_sha256(plan), shards, pairs, rejects, dict(seconds))
 
 
+def load_captioner(config: BuildConfig) -> Blip2Captioner:
+    settings = config.captioner
+    assert settings.model is not None
+    return Blip2Captioner.from_pretrained(
+        settings.model, device=settings.device, keep=settings.keep, samples=settings.samples,
+        max_new_tokens=settings.max_new_tokens, seed=config.pair.seed,
+    )
+
+
+class CaptionerActor:
+    """BLIP-2 loaded once (on a GPU when there is one), captioning the batches of many CPU tasks."""
+
+    def __init__(self, config_json: str) -> None:
+        self.captioner = load_captioner(BuildConfig.model_validate_json(config_json))
+
+    def describe(self) -> tuple[str, tuple[int, int]]:
+        return self.captioner.name, self.captioner.input_size
+
+    def caption(self, shrunk: list, labels: list[str], keys: list[str]) -> list[list[str]]:
+        return self.captioner.caption(shrunk, labels, keys)
+
+
+class RemoteCaptioner:
+    """The captioner inside a task, backed by a :class:`CaptionerActor`; photos travel shrunk."""
+
+    def __init__(self, actor: Any) -> None:
+        import ray
+
+        self.actor = actor
+        self.name, self._input_size = ray.get(actor.describe.remote())
+
+    def caption(self, images: Any, labels: Any, keys: Any) -> list[list[str]]:
+        import ray
+
+        from subjectpairs.pipelines.segmenters import shrink_for_model
+
+        shrunk = shrink_for_model(images, self._input_size)
+        return ray.get(self.actor.caption.remote(shrunk, list(labels), list(keys)))
+
+
 class SegmenterActor:
     """CLIPSeg loaded once, on one GPU when there is one, serving the batches of many CPU tasks."""
 
@@ -215,39 +262,56 @@ class RemoteSegmenter:
 
 
 _BUILDERS: dict[str, ChunkBuilder] = {}
-_REMOTE_SEGMENTERS: dict[Any, RemoteSegmenter] = {}
 
 
-def build_chunk(config_json: str, plan: ChunkPlan, counter: Any = None, segmenter_actor: Any = None) -> str:
+def build_chunk(config_json: str, plan: ChunkPlan, counter: Any = None, segmenter_actor: Any = None,
+                captioner_actor: Any = None) -> str:
     """The Ray task: one chunk, on one core, in a worker that keeps its ChunkBuilder between tasks."""
     if config_json not in _BUILDERS:
         _BUILDERS.clear()
         _BUILDERS[config_json] = ChunkBuilder(BuildConfig.model_validate_json(config_json))
     builder = _BUILDERS[config_json]
+    # Proxies live for this task only: a handle kept in the worker would keep its actor (and the GPU or
+    # CPU it holds) alive after the build.
     if segmenter_actor is not None:
-        if segmenter_actor not in _REMOTE_SEGMENTERS:  # handles hash by actor id
-            _REMOTE_SEGMENTERS[segmenter_actor] = RemoteSegmenter(segmenter_actor)
-        builder.pairs.segmenter = _REMOTE_SEGMENTERS[segmenter_actor]
+        builder.pairs.segmenter = RemoteSegmenter(segmenter_actor)
+    if captioner_actor is not None:
+        builder.captioner = RemoteCaptioner(captioner_actor)
     report = None if counter is None else (lambda p, r: counter.add.remote(p, r))
-    return builder.build(plan, report).to_json()
+    try:
+        return builder.build(plan, report).to_json()
+    finally:
+        if segmenter_actor is not None:
+            builder.pairs.segmenter = None
+        if captioner_actor is not None:
+            builder.captioner = None
 
 
-def start_segmenter_actors(config: BuildConfig) -> list[Any]:
-    """One CLIPSeg actor per GPU by default (none without GPUs or without CLIPSeg)."""
+def start_model_actors(config: BuildConfig) -> tuple[list[Any], list[Any]]:
+    """CLIPSeg and BLIP-2 actors: by default one of each per GPU (sharing it when both run), none
+    without GPUs; ``segment_actors`` / ``caption_actors`` set the counts (on CPUs when there are no GPUs)."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    count = config.segment_actors
-    if count is None:
-        count = gpus if config.uses_clipseg() else 0
-    if count == 0:
-        return []
-    if not config.uses_clipseg():
+    segmenters = config.segment_actors
+    if segmenters is None:
+        segmenters = gpus if config.uses_clipseg() else 0
+    captioners = config.caption_actors
+    if captioners is None:
+        captioners = gpus if config.captioner.model is not None else 0
+    if segmenters and not config.uses_clipseg():
         raise InputError("segment_actors serve CLIPSeg: set pair.segmenter.kind=clipseg (or a model)")
-    resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-    actor_class = ray.remote(SegmenterActor).options(max_restarts=3, max_task_retries=3, **resources)
+    if captioners and config.captioner.model is None:
+        raise InputError("caption_actors serve BLIP-2: set captioner.model")
+    share = 0.5 if segmenters and captioners else 1.0
+    resources = {"num_gpus": share} if gpus else {"num_cpus": 1}
     config_json = config.model_dump_json()
-    return [actor_class.remote(config_json) for _ in range(count)]
+
+    def start(actor: type, count: int) -> list[Any]:
+        remote = ray.remote(actor).options(max_restarts=3, max_task_retries=3, **resources)
+        return [remote.remote(config_json) for _ in range(count)]
+
+    return start(SegmenterActor, segmenters), start(CaptionerActor, captioners)
 
 
 @dataclass
@@ -371,7 +435,7 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
         try:
             # the counter only feeds the progress bar: without one, no extra actor process
             counter = ray.remote(num_cpus=0)(BuildCounter).remote() if show_progress else None
-            segmenters = start_segmenter_actors(config)
+            segmenters, captioners = start_model_actors(config)
             task = ray.remote(build_chunk).options(num_cpus=1, max_retries=3)
             limit = config.max_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
             config_json = config.model_dump_json()
@@ -382,8 +446,9 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
                 while queue or running:
                     while queue and len(running) < limit:
                         plan = queue.pop(0)
-                        actor = segmenters[plan.index % len(segmenters)] if segmenters else None
-                        running[task.remote(config_json, plan, counter, actor)] = plan
+                        segmenter = segmenters[plan.index % len(segmenters)] if segmenters else None
+                        captioner = captioners[plan.index % len(captioners)] if captioners else None
+                        running[task.remote(config_json, plan, counter, segmenter, captioner)] = plan
                     finished, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                     for ref in finished:
                         plan = running.pop(ref)

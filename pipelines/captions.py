@@ -101,12 +101,22 @@ class Blip2Captioner:
     def name(self) -> str:
         return f"blip2:{self.source}"
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) the vision encoder sees."""
+        size = self.processor.image_processor.size
+        return int(size["width"]), int(size["height"])
+
     def caption(self, images: Sequence[np.ndarray], labels: Sequence[str], keys: Sequence[str]) -> list[list[str]]:
+        """Captions per photo; photos may come already shrunk to ``input_size`` (from another process)."""
         import torch
+
+        from subjectpairs.pipelines.segmenters import shrink_for_model
 
         if not images:
             return []
-        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
+        shrunk = shrink_for_model(images, self.input_size)
+        inputs = self.processor(images=shrunk, return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         digest = hashlib.sha256(f"{self.seed}\0{'|'.join(keys)}".encode()).digest()
         torch.manual_seed(int.from_bytes(digest[:8], "little"))

@@ -122,7 +122,11 @@ class BuildConfig(_Settings):
                     "default: one per GPU for CLIPSeg, none (segment inside each task) otherwise",
     )
 
-    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("out", "address", "max_tasks", "segment_actors")
+    caption_actors: int | None = Field(
+        None, ge=0, description="BLIP-2 actors shared by the tasks; default: one per GPU when captioning"
+    )
+
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("out", "address", "max_tasks", "segment_actors", "caption_actors")
 
     @model_validator(mode="after")
     def _one_candidate_source(self) -> "BuildConfig":

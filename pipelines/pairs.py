@@ -171,7 +171,8 @@ class PairBuilder:
         return self._segmenter
 
     @segmenter.setter
-    def segmenter(self, segmenter: Segmenter) -> None:
+    def segmenter(self, segmenter: Segmenter | None) -> None:
+        """Use ``segmenter``; None goes back to building the configured one on first need."""
         self._segmenter = segmenter
 
     def build(self, requests: Iterable[PairRequest]) -> list[Pair | Rejection]:

@@ -285,3 +285,13 @@ def test_the_filter_can_run_as_the_first_stage(ray_local, demo_inputs, tmp_path)
         config_for(tmp_path / "x", demo_inputs, filter={"bbox": "b.csv", "classes": "c.csv"})
     with pytest.raises(ValueError, match="rules"):
         config_for(tmp_path / "x", demo_inputs, candidates=None, filter={"bbox": "b", "classes": "c", "rules": 3})
+
+
+def test_captioner_actor_gives_the_same_shards_as_captioning_in_the_task(ray_local, demo_inputs, tiny_blip2,
+                                                                        tmp_path):
+    captioner = {"model": str(tiny_blip2), "device": "cpu", "samples": 2, "max_new_tokens": 4}
+    in_task = run_build(config_for(tmp_path / "in-task", demo_inputs, captioner=captioner, caption_actors=0),
+                        show_progress=False)
+    served = run_build(config_for(tmp_path / "actor", demo_inputs, captioner=captioner, caption_actors=1),
+                       show_progress=False)
+    assert served.manifest == in_task.manifest and served.manifest["pairs"] > 0

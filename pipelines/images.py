@@ -22,7 +22,7 @@ Image.MAX_IMAGE_PIXELS = 200_000_000
 # Fixed encoder settings: the same pixels always give the same bytes (shards are compared by hash).
 JPEG_QUALITY = 95
 JPEG_SUBSAMPLING = 0  # 4:4:4, no chroma loss on subject edges
-PNG_COMPRESS_LEVEL = 6
+PNG_COMPRESS_LEVEL = 3  # alpha and trimap are small next to the JPEGs; level 6 cost 40% more time
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 

@@ -44,6 +44,7 @@ from subjectpairs.pipelines.images import encode_jpeg, encode_png, to_uint8, to_
 from subjectpairs.pipelines.known_alpha import CASES, known_alpha_composite  # noqa: E402
 from subjectpairs.pipelines.matting import estimate_alpha  # noqa: E402
 from subjectpairs.pipelines.pairs import PairRequest, finish, prepare  # noqa: E402
+from subjectpairs.pipelines.sample_photos import SUBJECT_PHOTOS, TEXTURES, photo  # noqa: E402
 from subjectpairs.pipelines.segmenters import GrabCutSegmenter  # noqa: E402
 from subjectpairs.pipelines.trimap import make_trimap  # noqa: E402
 
@@ -51,25 +52,14 @@ TARGET_SECONDS_512 = 0.15
 TARGET_RATIO_1024 = 5.0
 TARGET_SAD_RATIO = 1.10
 
-# (photo, category, subject box) from scikit-image's photos
-PHOTOS = (
-    ("astronaut", "Person", Box(0.04, 0.72, 0.02, 1.0)),
-    ("coffee", "Coffee cup", Box(0.28, 0.70, 0.03, 0.77)),
-    ("chelsea", "Cat", Box(0.05, 0.95, 0.0, 1.0)),
-    ("rocket", "Rocket", Box(0.40, 0.62, 0.25, 0.98)),
-)
-BACKDROPS = ("brick", "grass", "gravel")
 
 
 def upscaled_jpeg(name: str, short_side: int = 1024) -> bytes:
-    from skimage import data
-
-    photo = getattr(data, name)()
-    photo = np.repeat(photo[:, :, None], 3, axis=2) if photo.ndim == 2 else photo[:, :, :3]
-    scale = short_side / min(photo.shape[:2])
-    size = (round(photo.shape[1] * scale), round(photo.shape[0] * scale))
+    image = photo(name)
+    scale = short_side / min(image.shape[:2])
+    size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
     buffer = io.BytesIO()
-    Image.fromarray(cv2.resize(photo, size, interpolation=cv2.INTER_CUBIC)).save(buffer, "JPEG", quality=95)
+    Image.fromarray(cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)).save(buffer, "JPEG", quality=95)
     return buffer.getvalue()
 
 
@@ -109,7 +99,7 @@ def measure_size(size: int, repeat: int, pool: BackgroundPool, photos: dict[str,
     config = PairConfig(size=size)
     fast_runs, baseline_runs, stages = [], [], []
     print(f"\nshort side {size}: per pair, best of {repeat} (fast) / one run (baseline)")
-    for name, category, box in PHOTOS:
+    for name, category, box in SUBJECT_PHOTOS:
         request = PairRequest(key=f"{name}_{size}", category=category, photo=photos[name], box=box)
         subject_map = soft_subject_map(prepare(request, config).target, box)
         runs = [fast_pair(request, subject_map, config, pool) for _ in range(repeat)]
@@ -151,9 +141,9 @@ def main() -> int:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     cv2.setNumThreads(1)
-    photos = {name: upscaled_jpeg(name) for name, _, _ in PHOTOS}
+    photos = {name: upscaled_jpeg(name) for name, _, _ in SUBJECT_PHOTOS}
     with tempfile.TemporaryDirectory() as folder:
-        for name in BACKDROPS:
+        for name in TEXTURES:
             Path(folder, f"{name}.jpg").write_bytes(upscaled_jpeg(name))
         pool = BackgroundPool.from_entries([folder])
         results = {size: measure_size(size, args.repeat, pool, photos) for size in args.sizes}

@@ -26,22 +26,16 @@ from subjectpairs.curation.synthetic import TRAIN_COLUMNS
 from subjectpairs.pipelines.boxes import Box
 from subjectpairs.pipelines.build import BuildReport, run_build
 from subjectpairs.pipelines.config import BuildConfig
+from subjectpairs.pipelines.sample_photos import SUBJECT_PHOTOS, TEXTURES, photo
 from subjectpairs.pipelines.shards import read_shard
 
 BBOX_FILE = "train-annotations-bbox.csv"
 CLASSES_FILE = "class-descriptions-boxable.csv"
 
-# Real photos: (scikit-image name, class, box). The astronaut is a Person (excluded, rule v) and the
+# Real photos (sample_photos.SUBJECT_PHOTOS): the astronaut is a Person (excluded, rule v) and the
 # rocket's box is tall and thin (dropped by the aspect rule): the funnel shows both.
-REAL_PHOTOS = (
-    ("coffee", "Coffee cup", Box(0.28, 0.70, 0.03, 0.77)),
-    ("chelsea", "Cat", Box(0.08, 0.85, 0.04, 1.0)),
-    ("astronaut", "Person", Box(0.04, 0.72, 0.02, 1.0)),
-    ("rocket", "Rocket", Box(0.40, 0.62, 0.25, 0.98)),
-)
 # Generated scenes: a subject cut out of a real photo (by an ellipse, or the horse silhouette).
 SUBJECTS = ("Cat", "Coffee cup", "Horse")
-TEXTURES = ("brick", "grass", "gravel")
 
 
 @dataclass
@@ -49,13 +43,6 @@ class DemoReport:
     filter: FilterReport
     build: BuildReport
     contact_sheet: Path
-
-
-def _photo(name: str) -> np.ndarray:
-    from skimage import data
-
-    image = getattr(data, name)()
-    return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:
@@ -70,12 +57,12 @@ def _subject_cutout(category: str, width: int, height: int) -> tuple[np.ndarray,
         from skimage import data
 
         mask = (~data.horse()).astype(np.float32)
-        coat = cv2.resize(_photo("gravel"), (mask.shape[1], mask.shape[0])).astype(np.float32)
+        coat = cv2.resize(photo("gravel"), (mask.shape[1], mask.shape[0])).astype(np.float32)
         rgb = np.clip(coat * np.array([0.75, 0.5, 0.3]) + 30, 0, 255).astype(np.uint8)
     else:
         source = {"Cat": ("chelsea", (60, 20, 400, 300)), "Coffee cup": ("coffee", (160, 10, 420, 310))}
         name, (x0, y0, x1, y1) = source[category]
-        rgb = _photo(name)[y0:y1, x0:x1]
+        rgb = photo(name)[y0:y1, x0:x1]
         mask = np.zeros(rgb.shape[:2], np.float32)
         cv2.ellipse(mask, (rgb.shape[1] // 2, rgb.shape[0] // 2), (rgb.shape[1] // 2 - 2, rgb.shape[0] // 2 - 2),
                     0, 0, 360, 1.0, -1)
@@ -87,7 +74,7 @@ def _subject_cutout(category: str, width: int, height: int) -> tuple[np.ndarray,
 def generated_scene(index: int, rng: np.random.Generator) -> tuple[np.ndarray, str, Box]:
     """A 640x480 photo of a subject pasted on a texture, its class and its box."""
     height, width = 480, 640
-    texture = _photo(TEXTURES[index % len(TEXTURES)])
+    texture = photo(TEXTURES[index % len(TEXTURES)])
     scale = max(height / texture.shape[0], width / texture.shape[1]) * rng.uniform(1.0, 1.6)
     texture = cv2.resize(texture, (int(texture.shape[1] * scale) + 1, int(texture.shape[0] * scale) + 1))
     top = int(rng.integers(0, texture.shape[0] - height + 1))
@@ -122,9 +109,9 @@ def write_demo_data(folder: Path, scenes: int, seed: int) -> tuple[FilterConfig,
         shutil.copyfile(source, folder / "openimages" / CLASSES_FILE)
     rng = np.random.default_rng(seed)
     rows = []
-    for number, (name, category, box) in enumerate(REAL_PHOTOS):
+    for number, (name, category, box) in enumerate(SUBJECT_PHOTOS):
         image_id = f"{0xd0000000 + number:016x}"
-        (images / f"{image_id}.jpg").write_bytes(_jpeg(_photo(name)))
+        (images / f"{image_id}.jpg").write_bytes(_jpeg(photo(name)))
         rows.append(_box_row(image_id, mid[category], box))
     for number in range(scenes):
         image_id = f"{0xe0000000 + number:016x}"
@@ -138,7 +125,7 @@ def write_demo_data(folder: Path, scenes: int, seed: int) -> tuple[FilterConfig,
         if number % 5 == 3:  # a small box of another class: dropped by the area rule
             rows.append(_box_row(image_id, mid["Ball"], Box(0.0, 0.2, 0.0, 0.2)))
     # A candidate whose photo is corrupt, and one whose photo is missing: rejected, with reasons.
-    (images / f"{0xf0000000:016x}.jpg").write_bytes(_jpeg(_photo("coffee"))[:3000])
+    (images / f"{0xf0000000:016x}.jpg").write_bytes(_jpeg(photo("coffee"))[:3000])
     rows.append(_box_row(f"{0xf0000000:016x}", mid["Coffee cup"], Box(0.2, 0.8, 0.1, 0.8)))
     rows.append(_box_row(f"{0xf0000001:016x}", mid["Cat"], Box(0.2, 0.8, 0.1, 0.8)))
     rows.sort(key=lambda row: row["ImageID"])
@@ -147,7 +134,7 @@ def write_demo_data(folder: Path, scenes: int, seed: int) -> tuple[FilterConfig,
         writer.writeheader()
         writer.writerows(rows)
     for number, name in enumerate(TEXTURES):
-        Image.fromarray(cv2.resize(_photo(name), (768, 768))).save(pool / f"{name}.jpg", quality=95)
+        Image.fromarray(cv2.resize(photo(name), (768, 768))).save(pool / f"{name}.jpg", quality=95)
     for number in range(3):  # smooth colour fields
         corners = rng.uniform(0, 255, size=(2, 2, 3)).astype(np.float32)
         Image.fromarray(cv2.resize(corners, (768, 576)).astype(np.uint8)).save(pool / f"field-{number}.jpg")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from subjectpairs.pipelines.sample_photos import photo
 from subjectpairs.pipelines.trimap import BACKGROUND, FOREGROUND, UNKNOWN
 
 # (subject photo, backdrop photo) pairs with different textures and contrasts.
@@ -32,13 +33,6 @@ class KnownAlpha:
         return float(((estimate - self.alpha)[self.trimap == UNKNOWN] ** 2).mean())
 
 
-def _photo(name: str) -> np.ndarray:
-    from skimage import data
-
-    photo = getattr(data, name)()
-    return np.repeat(photo[:, :, None], 3, axis=2) if photo.ndim == 2 else photo[:, :, :3]
-
-
 def known_alpha_composite(
     short_side: int, subject: str, backdrop: str, band: int, strands: bool = False
 ) -> KnownAlpha:
@@ -50,8 +44,8 @@ def known_alpha_composite(
     from skimage import data
 
     height, width = short_side, short_side * 4 // 3
-    fg = cv2.resize(_photo(subject), (width, height), interpolation=cv2.INTER_AREA) / 255.0
-    bg = cv2.resize(_photo(backdrop), (width, height), interpolation=cv2.INTER_LINEAR) / 255.0
+    fg = cv2.resize(photo(subject), (width, height), interpolation=cv2.INTER_AREA) / 255.0
+    bg = cv2.resize(photo(backdrop), (width, height), interpolation=cv2.INTER_LINEAR) / 255.0
     silhouette = (~data.horse()).astype(np.float32)
     inner = cv2.resize(silhouette, (int(width * 0.7), int(height * 0.8)), interpolation=cv2.INTER_LINEAR)
     alpha = np.zeros((height, width), np.float32)
@@ -59,7 +53,7 @@ def known_alpha_composite(
     alpha[top:top + inner.shape[0], left:left + inner.shape[1]] = inner
     alpha = np.clip(cv2.GaussianBlur(alpha, (0, 0), short_side / 256 * 1.5), 0, 1).astype(np.float64)
     if strands:
-        blades = cv2.resize(_photo("grass")[:, :, 0], (width, height)).astype(np.float64) / 255.0
+        blades = cv2.resize(photo("grass")[:, :, 0], (width, height)).astype(np.float64) / 255.0
         blades = np.clip((blades - 0.55) * 4.0, 0.0, 1.0)
         reach = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * (short_side // 40) + 1,) * 2)
         fringe = (cv2.dilate((alpha > 0.5).astype(np.uint8), reach) > 0) & (alpha < 0.5)

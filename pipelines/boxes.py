@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from subjectpairs.pipelines.rejections import PairRejected
 
 # OpenImages coordinates sometimes overshoot [0, 1] by rounding; further out than this is a wrong box.
@@ -59,3 +61,12 @@ class Box:
 
 
 WHOLE_IMAGE = Box(0.0, 1.0, 0.0, 1.0)
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Pixel bounds (x0, x1, y0, y1), half-open, of the true pixels of ``mask``; None if there are none."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1

@@ -96,7 +96,7 @@ class ChunkBuilder:
         self.config_hash = config.config_hash()
         self.pairs = PairBuilder(config.pair)
         self.fetcher = PhotoFetcher(config.fetch)
-        self.captions = Captions.from_jsonl(config.captions) if config.captions else Captions.template_only()
+        self.captions = Captions.from_jsonl(config.captions) if config.captions else Captions()
         self._captioner: Any = None
 
     @property

@@ -22,9 +22,10 @@ TEMPLATE = "a photo of a {label}"
 
 
 class Captions:
-    def __init__(self, by_subject: dict[tuple[str, str], list[str]], source: str) -> None:
-        self._by_subject = by_subject
-        self.source = source
+    """The captions of a captions.jsonl file, by (image_id, lowercased label); empty without a file."""
+
+    def __init__(self, by_subject: dict[tuple[str, str], list[str]] | None = None) -> None:
+        self._by_subject = by_subject or {}
 
     @classmethod
     def from_jsonl(cls, uri: str) -> "Captions":
@@ -44,11 +45,7 @@ class Captions:
             if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
                 raise InputError(f"{uri}, line {number}: captions must be a string or a list of strings")
             by_subject.setdefault(key, []).extend(captions)
-        return cls(by_subject, source=uri)
-
-    @classmethod
-    def template_only(cls) -> "Captions":
-        return cls({}, source="template")
+        return cls(by_subject)
 
     def from_file(self, image_id: str, category: str) -> list[str]:
         return self._by_subject.get((image_id, category.lower()), [])

@@ -27,6 +27,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from pymatting import estimate_alpha_cf, estimate_foreground_ml  # noqa: E402
 
+from subjectpairs.pipelines.boxes import mask_box  # noqa: E402
 from subjectpairs.pipelines.config import MattingConfig  # noqa: E402
 from subjectpairs.pipelines.images import to_uint8, to_unit_float  # noqa: E402
 from subjectpairs.pipelines.rejections import PairRejected  # noqa: E402
@@ -46,16 +47,12 @@ class Matte:
 
 def unknown_region(trimap: np.ndarray, margin: int) -> tuple[int, int, int, int]:
     """Box (x0, x1, y0, y1) of the unknown pixels grown by ``margin``; ``NO_REGION`` if there are none."""
-    unknown = trimap == UNKNOWN
-    rows = np.flatnonzero(unknown.any(axis=1))
-    if rows.size == 0:
+    found = mask_box(trimap == UNKNOWN)
+    if found is None:
         return NO_REGION
-    cols = np.flatnonzero(unknown.any(axis=0))
+    x0, x1, y0, y1 = found
     height, width = trimap.shape
-    return (
-        max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, width),
-        max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, height),
-    )
+    return max(x0 - margin, 0), min(x1 + margin, width), max(y0 - margin, 0), min(y1 + margin, height)
 
 
 def _solve(image: np.ndarray, trimap: np.ndarray, epsilon: float) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from subjectpairs.pipelines.boxes import Box
+from subjectpairs.pipelines.boxes import Box, mask_box
 from subjectpairs.pipelines.trimap import UNKNOWN
 
 
@@ -14,14 +14,6 @@ def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     inter = max(0, min(ax1, bx1) - max(ax0, bx0)) * max(0, min(ay1, by1) - max(ay0, by0))
     union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
     return inter / union if union else 0.0
-
-
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    return int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
 
 
 def pair_metrics(

@@ -1,0 +1,528 @@
+"""The trainer's streaming data loader: pair shards in, decoded and augmented batches out.
+
+Each rank splits the shards into ``num_workers`` streams (:func:`plan_streams`), one per DataLoader
+worker. A stream reads its shards in order, drops excluded keys, passes the raw (undecoded) samples
+through a seeded shuffle buffer, decodes and augments them (each sample's randomness comes from
+``(seed, epoch, key)``) and batches them. Everything that decides what a batch holds is a function of
+``(seed, epoch, rank, logical worker)``, so a checkpoint needs only :class:`StreamPosition`: how many raw
+samples each worker consumed. A resumed reader regenerates the same streams, skips that many samples
+without decoding them and goes on with exactly the batches an uninterrupted reader would have produced,
+as long as the shards read the same as before.
+
+An epoch of a rank ends when any of its streams runs out (:class:`BatchReader` returns ``None``), so
+streams are balanced by expected sample count; with fewer shards than ``world_size * num_workers``
+streams some streams are empty and the epoch ends at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import heapq
+import io
+import itertools
+import json
+import logging
+import math
+import posixpath
+import random
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from subjectpairs import storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"  # written beside the shards by the build (pipelines/build.py)
+INPUT_MEMBER = "input.jpg"
+TARGET_MEMBER = "target.jpg"
+META_MEMBER = "json"
+# Side-car latent shards carry the same file names as the pair shards, one member per sample, written in
+# the pair shard's order (samples may be missing): ``<key>.latent.npy``, a float16 (8, h, w) array, the
+# VAE latent's mean (4 channels) then its std (4 channels), h = w = target_size // 8.
+LATENT_MEMBER = "latent.npy"
+LATENT_CHANNELS = 8
+LATENT_DOWNSCALE = 8
+
+# CLIP's normalization, which the BLIP-2 image encoder of BLIP-Diffusion was trained with
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# BLIP-Diffusion's subject-image augmentation: RandomResizedCrop(scale=(0.9, 1.0)), default ratio range
+CROP_SCALE = (0.9, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 10  # torchvision's number of tries before its centred fallback
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    uri: str
+    samples: int | None  # from manifest.json when known
+    first_key: str | None
+    last_key: str | None
+
+
+def resolve_shards(specs: list[str]) -> list[ShardInfo]:
+    """The shards named by ``specs``: each a single ``.tar`` URI, or a folder (or object-store prefix)
+    holding ``manifest.json`` (its shards, with their sample counts), or a folder without one (every
+    ``.tar`` directly in it, counts unknown). Raises ValueError when a spec names no shard."""
+    shards = [shard for spec in specs for shard in _resolve_spec(str(spec))]
+    if not shards:
+        raise ValueError("no shards given")
+    repeated = sorted(uri for uri, count in collections.Counter(s.uri for s in shards).items() if count > 1)
+    if repeated:
+        raise ValueError(f"shards given more than once: {', '.join(repeated[:5])}")
+    return shards
+
+
+def _resolve_spec(spec: str) -> list[ShardInfo]:
+    if spec.endswith(".tar"):
+        if not storage.exists(spec):
+            raise ValueError(f"{spec}: shard not found")
+        entry = (_read_manifest(_parent(spec)) or {}).get(posixpath.basename(spec))
+        return [_shard_info(spec, entry)]
+    manifest = _read_manifest(spec)
+    present = _tars_in(spec)
+    if manifest is None:
+        if not present:
+            raise ValueError(f"{spec}: no shards (not a .tar, and no {MANIFEST_FILE} or .tar files in it)")
+        return [_shard_info(uri, None) for uri in present]
+    missing = sorted(set(manifest) - {posixpath.basename(uri) for uri in present})
+    if missing:
+        raise ValueError(
+            f"{spec}: {len(missing)} shards of {MANIFEST_FILE} are missing: {', '.join(missing[:5])}"
+        )
+    if not manifest:
+        raise ValueError(f"{spec}: {MANIFEST_FILE} lists no shards")
+    return [_shard_info(storage.join(spec, name), entry) for name, entry in manifest.items()]
+
+
+def _parent(uri: str) -> str:
+    return posixpath.dirname(uri) if storage.is_remote(uri) else str(storage.local_path(uri).parent)
+
+
+def _read_manifest(folder: str) -> dict[str, dict[str, Any]] | None:
+    """The manifest's shard entries by file name, in its order; None when the folder has no manifest."""
+    uri = storage.join(folder, MANIFEST_FILE)
+    if not storage.exists(uri):
+        return None
+    try:
+        return {entry["name"]: entry for entry in json.loads(storage.read_bytes(uri))["shards"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{uri}: not a shard manifest ({exc})") from exc
+
+
+def _tars_in(folder: str) -> list[str]:
+    """The ``.tar`` files directly in ``folder``, sorted; not in sub-folders, where latents may lie."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    return [storage.join(folder, posixpath.basename(name))
+            for name in sorted(fs.glob(posixpath.join(path.rstrip("/"), "*.tar")))]
+
+
+def _shard_info(uri: str, entry: dict[str, Any] | None) -> ShardInfo:
+    if entry is None:
+        return ShardInfo(uri, None, None, None)
+    return ShardInfo(uri, int(entry["samples"]), entry.get("first_key"), entry.get("last_key"))
+
+
+def read_exclude(uri: str | None) -> frozenset[str]:
+    """Sample keys to leave out, one per line; blank lines and ``#`` comments are ignored."""
+    if uri is None:
+        return frozenset()
+    lines = storage.read_bytes(uri).decode("utf-8").splitlines()
+    return frozenset(key for line in lines if (key := line.split("#", 1)[0].strip()))
+
+
+def _stable_seed(*parts: object) -> int:
+    """A 64-bit seed from values, the same in every process and run (unlike ``hash``)."""
+    text = "\x1f".join(str(part) for part in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _expected_samples(shards: list[ShardInfo], exclude: frozenset[str] = frozenset()) -> list[float]:
+    """Per shard: its manifest count less the excluded keys within its key range; a shard of unknown count
+    is taken as the mean of the known ones (1 when none is known)."""
+    excluded = sorted(exclude)
+    known = [
+        max(shard.samples - _excluded_within(shard, excluded), 0)
+        for shard in shards if shard.samples is not None
+    ]
+    unknown = sum(known) / len(known) if known else 1.0
+    counts = iter(known)
+    return [float(next(counts)) if shard.samples is not None else unknown for shard in shards]
+
+
+def _excluded_within(shard: ShardInfo, excluded: list[str]) -> int:
+    if shard.first_key is None or shard.last_key is None:
+        return 0
+    return bisect_right(excluded, shard.last_key) - bisect_left(excluded, shard.first_key)
+
+
+def plan_streams(
+    shards: list[ShardInfo], *, rank: int, world_size: int, num_workers: int, seed: int, epoch: int,
+    exclude: frozenset[str] = frozenset(),
+) -> list[list[ShardInfo]]:
+    """This rank's ``max(num_workers, 1)`` streams: every shard goes to exactly one of the
+    ``world_size * workers`` streams of all ranks (rank r owns streams ``r * workers ..``).
+
+    The shards are dealt in an order shuffled by ``(seed, epoch)``, each to the stream with the fewest
+    expected samples so far, so streams end at about the same time and each epoch mixes differently. With
+    fewer shards than streams, some streams are empty.
+    """
+    workers = max(num_workers, 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    expected = _expected_samples(shards, exclude)
+    order = list(range(len(shards)))
+    random.Random(_stable_seed("plan", seed, epoch)).shuffle(order)
+    streams: list[list[ShardInfo]] = [[] for _ in range(world_size * workers)]
+    loads = [(0.0, stream) for stream in range(len(streams))]  # a heap: lightest first, then lowest index
+    for index in order:
+        load, stream = heapq.heappop(loads)
+        streams[stream].append(shards[index])
+        heapq.heappush(loads, (load + expected[index], stream))
+    return streams[rank * workers:(rank + 1) * workers]
+
+
+@dataclass
+class StreamPosition:
+    """Where a rank's reading stands: what a checkpoint stores per rank."""
+
+    epoch: int = 0
+    batches: int = 0  # batches this rank consumed in this epoch
+    raw: list[int] = field(default_factory=list)  # per logical worker: raw (post-shuffle) samples consumed
+    corrupt: int = 0  # corrupt samples skipped so far, all epochs: a metric, not needed to resume
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StreamPosition:
+        return cls(epoch=int(d.get("epoch", 0)), batches=int(d.get("batches", 0)),
+                   raw=[int(n) for n in d.get("raw", [])], corrupt=int(d.get("corrupt", 0)))
+
+
+def encode_latent(latent: np.ndarray) -> bytes:
+    """The ``latent.npy`` member of one sample: a (8, h, w) array stored as float16."""
+    if latent.ndim != 3 or latent.shape[0] != LATENT_CHANNELS:
+        raise ValueError(f"a latent is ({LATENT_CHANNELS}, h, w), got {latent.shape}")
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(latent, dtype=np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_latent_member(writer: wds.TarWriter, key: str, latent: np.ndarray) -> None:
+    """Write one sample's latent into a side-car shard: call in the order of the pair shard's samples."""
+    writer.write({"__key__": key, LATENT_MEMBER: encode_latent(latent)})
+
+
+@dataclass
+class _StreamCounts:
+    corrupt: int = 0
+    bad_shards: list[str] = field(default_factory=list)
+
+
+class PairStream(IterableDataset):
+    """One rank's batches; under a DataLoader each worker plays one logical worker's stream.
+
+    Worker slot ``s`` (the torch worker id, 0 in process) plays logical worker
+    ``(s + rotation) % workers``, skipping the first ``skip[w]`` raw samples of its stream undecoded.
+    Batches are dicts: ``keys``, ``pixel_values`` (B, 3, input_size, input_size; the subject box, randomly
+    cropped, flipped, CLIP-normalized), ``target`` (B, 3, target_size, target_size in [-1, 1]) or, with
+    ``latents``, ``latents`` (B, 8, target_size // 8, target_size // 8), ``captions``, ``categories``,
+    ``worker`` (the logical worker), ``position`` (raw samples it consumed after this batch, skipped ones
+    included), ``corrupt`` (corrupt samples it skipped) and ``bad_shards`` (shards that failed to open or
+    broke off). A partial last batch is dropped.
+    """
+
+    def __init__(
+        self, shards: list[ShardInfo], *, rank: int, world_size: int, num_workers: int, batch_size: int,
+        seed: int, epoch: int, input_size: int = 224, target_size: int = 512,
+        exclude: frozenset[str] = frozenset(), latents: list[ShardInfo] | None = None,
+        shuffle_buffer: int = 1000, skip: list[int] | None = None, rotation: int = 0,
+    ) -> None:
+        super().__init__()
+        self.workers = max(num_workers, 1)
+        if skip is not None and len(skip) != self.workers:
+            raise ValueError(f"skip has {len(skip)} entries for {self.workers} workers")
+        if latents is not None and target_size % LATENT_DOWNSCALE:
+            raise ValueError(f"target_size {target_size} is not a multiple of {LATENT_DOWNSCALE}")
+        self.streams = plan_streams(shards, rank=rank, world_size=world_size, num_workers=num_workers,
+                                    seed=seed, epoch=epoch, exclude=exclude)
+        self.rank, self.seed, self.epoch = rank, seed, epoch
+        self.batch_size, self.input_size, self.target_size = batch_size, input_size, target_size
+        self.exclude = exclude
+        self.latents = None if latents is None else {posixpath.basename(s.uri): s for s in latents}
+        self.shuffle_buffer = shuffle_buffer
+        self.skip = list(skip) if skip is not None else [0] * self.workers
+        self.rotation = rotation
+        # Only the members a batch needs are read out of the tar; alpha and trimap are skipped over.
+        image_member = TARGET_MEMBER if latents is None else LATENT_MEMBER
+        self.members = frozenset({INPUT_MEMBER, META_MEMBER, image_member})
+        if self.latents is not None:
+            missing = [s.uri for stream in self.streams for s in stream
+                       if posixpath.basename(s.uri) not in self.latents]
+            if missing:
+                log.warning("%d shards have no latent shard (their samples will be skipped): %s",
+                            len(missing), ", ".join(missing[:5]))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.rotation) % self.workers
+        counts = _StreamCounts()
+        samples = self._shuffled(worker, counts)
+        position = self.skip[worker]
+        collections.deque(itertools.islice(samples, position), maxlen=0)  # fast-forward, nothing decoded
+        batch: list[dict[str, Any]] = []
+        for sample in samples:
+            position += 1
+            try:
+                batch.append(self._decode(sample))
+            except Exception as exc:  # PIL, json and numpy raise many types for a bad member
+                counts.corrupt += 1
+                log.warning("%s: corrupt sample skipped (%s: %s)", sample["__key__"], type(exc).__name__, exc)
+                continue
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, worker, position, counts)
+                batch = []
+
+    def _shuffled(self, worker: int, counts: _StreamCounts) -> Iterator[dict[str, Any]]:
+        rng = random.Random(_stable_seed("shuffle", self.seed, self.epoch, self.rank, worker))
+        return iter(wds.filters.shuffle(bufsize=self.shuffle_buffer, rng=rng)(self._raw(worker, counts)))
+
+    def _raw(self, worker: int, counts: _StreamCounts) -> Iterator[dict[str, Any]]:
+        for shard in self.streams[worker]:
+            samples = _shard_samples(shard.uri, self.members, shard.samples, counts)
+            if self.latents is not None:
+                latent_shard = self.latents.get(posixpath.basename(shard.uri))
+                latents = (_shard_samples(latent_shard.uri, frozenset({LATENT_MEMBER}), None, counts)
+                           if latent_shard is not None else iter(()))
+                samples = _with_latents(samples, latents)
+            # Excluded keys go after the latent merge, which walks both shards in step.
+            yield from (sample for sample in samples if sample["__key__"] not in self.exclude)
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        key = sample["__key__"]
+        meta = json.loads(sample[META_MEMBER])
+        rng = np.random.default_rng(_stable_seed("sample", self.seed, self.epoch, key))
+        decoded = {
+            "key": key,
+            "pixel_values": subject_pixels(sample[INPUT_MEMBER], meta["box"], self.input_size, rng),
+            "caption": _pick_caption(meta, rng),
+            "category": str(meta["category"]),
+        }
+        if self.latents is None:
+            decoded["target"] = target_pixels(sample[TARGET_MEMBER], self.target_size)
+        else:
+            decoded["latents"] = decode_latent(sample[LATENT_MEMBER], self.target_size)
+        return decoded
+
+    def _collate(self, batch: list[dict[str, Any]], worker: int, position: int,
+                 counts: _StreamCounts) -> dict[str, Any]:
+        collated: dict[str, Any] = {
+            "keys": [s["key"] for s in batch],
+            "pixel_values": torch.from_numpy(np.stack([s["pixel_values"] for s in batch])),
+            "captions": [s["caption"] for s in batch],
+            "categories": [s["category"] for s in batch],
+            "worker": worker,
+            "position": position,
+            "corrupt": counts.corrupt,
+            "bad_shards": list(counts.bad_shards),
+        }
+        image_key = "target" if self.latents is None else "latents"
+        collated[image_key] = torch.from_numpy(np.stack([s[image_key] for s in batch]))
+        return collated
+
+
+def _shard_samples(uri: str, members: frozenset[str], expected: int | None,
+                   counts: _StreamCounts) -> Iterator[dict[str, Any]]:
+    """A shard's samples with only ``members`` read. A shard that does not open, breaks off, or holds
+    fewer samples than its manifest says is logged and counted; the samples read before still count."""
+    read = 0
+    try:
+        with storage.open_input_stream(uri) as stream:
+            files = tar_file_expander([{"url": uri, "stream": stream}],
+                                      select_files=lambda name: name.partition(".")[2].lower() in members)
+            for sample in group_by_keys(files):
+                read += 1
+                yield sample
+    except Exception as exc:  # tarfile, pyarrow and fsspec raise many types for a broken or missing file
+        counts.bad_shards.append(uri)
+        log.warning("%s: shard skipped after %d samples (%s: %s)", uri, read, type(exc).__name__, exc)
+        return
+    if expected is not None and read < expected:
+        counts.bad_shards.append(uri)
+        log.warning("%s: %d samples, the manifest says %d (truncated?)", uri, read, expected)
+
+
+def _with_latents(
+    pairs: Iterator[dict[str, Any]], latents: Iterator[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """Pairs with their latent member from a side-car shard in the same order; a pair whose latent is
+    missing goes on without one, so decoding counts it as corrupt."""
+    pending = next(latents, None)
+    for pair in pairs:
+        if pending is not None and pending["__key__"] == pair["__key__"]:
+            pair[LATENT_MEMBER] = pending[LATENT_MEMBER]
+            pending = next(latents, None)
+        yield pair
+
+
+def _pick_caption(meta: dict[str, Any], rng: np.random.Generator) -> str:
+    captions = meta.get("captions") or []
+    return str(captions[int(rng.integers(len(captions)))]) if captions else str(meta["category"])
+
+
+def subject_pixels(data: bytes, box: list[float], size: int, rng: np.random.Generator) -> np.ndarray:
+    """The composite cropped to the subject box (normalized [xmin, xmax, ymin, ymax]), then a random
+    resized crop, bicubic to ``size`` square, a coin-flip mirror and CLIP normalization: (3, size, size)."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size  # from the header: crops are planned at full size, before any draft
+    left, top, right, bottom = _box_pixels(box, width, height)
+    x, y, w, h = random_resized_crop(right - left, bottom - top, rng)
+    image, crop = _decode_for_crop(image, (left + x, top + y, left + x + w, top + y + h), size)
+    resized = image.resize((size, size), Image.Resampling.BICUBIC, box=crop)
+    if rng.random() < 0.5:
+        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    unit = np.asarray(resized, dtype=np.float32) / 255.0
+    return ((unit - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+
+
+def target_pixels(data: bytes, size: int) -> np.ndarray:
+    """The photo resized so its short side is ``size``, centre-cropped square, in [-1, 1]: (3, size, size)."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    image, crop = _decode_for_crop(image, (left, top, left + side, top + side), size)
+    # bilinear, as the diffusers training scripts resize their targets
+    resized = image.resize((size, size), Image.Resampling.BILINEAR, box=crop)
+    return (np.asarray(resized, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def decode_latent(data: bytes, target_size: int) -> np.ndarray:
+    latent = np.load(io.BytesIO(data), allow_pickle=False)
+    side = target_size // LATENT_DOWNSCALE
+    if latent.shape != (LATENT_CHANNELS, side, side):
+        raise ValueError(f"latent of shape {latent.shape}, expected {(LATENT_CHANNELS, side, side)}")
+    return latent.astype(np.float32)
+
+
+def _box_pixels(box: list[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """The normalized box in whole pixels (left, top, right, bottom), inside the image, at least 1x1."""
+    xmin, xmax, ymin, ymax = (float(v) for v in box)
+    left = min(max(round(xmin * width), 0), width - 1)
+    top = min(max(round(ymin * height), 0), height - 1)
+    right = max(min(round(xmax * width), width), left + 1)
+    bottom = max(min(round(ymax * height), height), top + 1)
+    return left, top, right, bottom
+
+
+def random_resized_crop(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` with scale 0.9-1.0 and ratio 3/4-4/3, drawn from
+    ``rng``: (x, y, w, h) within a ``width`` x ``height`` image."""
+    area = width * height
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(CROP_ATTEMPTS):
+        target_area = area * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    # A box too elongated for the ratio range: the largest centred crop within it, as torchvision does.
+    if width / height < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif width / height > CROP_RATIO[1]:
+        w, h = round(height * CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _decode_for_crop(image: Image.Image, crop: tuple[float, float, float, float],
+                     size: int) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Decode ``image`` as RGB, letting libjpeg reduce it by 2, 4 or 8 when ``crop`` still keeps at least
+    ``size`` pixels each way (much less work for a small output); returns ``crop`` in the decoded pixels."""
+    width, height = image.size
+    request = (math.ceil(width * size / (crop[2] - crop[0])), math.ceil(height * size / (crop[3] - crop[1])))
+    drafted = image.draft("RGB", request)  # None for anything but a JPEG
+    scale = drafted[1][2] / width if drafted is not None else 1.0
+    return image.convert("RGB"), tuple(c * scale for c in crop)
+
+
+class BatchReader:
+    """One rank's batches in strict cyclic order of logical workers 0, 1, .., W-1, 0, .. from a DataLoader
+    (``batch_size=None``, ``num_workers=W``; in process when ``num_workers`` is 0, W taken as 1).
+
+    ``position`` (from a checkpoint) resumes exactly: each stream skips the raw samples it had consumed,
+    and the DataLoader's first slot plays the logical worker that comes next (rotation
+    ``batches % W``). Resuming needs the same shards, exclusions, seed, world size and ``num_workers``.
+    """
+
+    def __init__(
+        self, shards: list[ShardInfo], *, rank: int, world_size: int, num_workers: int, batch_size: int,
+        seed: int, input_size: int = 224, target_size: int = 512, exclude: frozenset[str] = frozenset(),
+        latents: list[ShardInfo] | None = None, shuffle_buffer: int = 1000,
+        position: StreamPosition | None = None, prefetch_factor: int = 2,
+    ) -> None:
+        self.workers = max(num_workers, 1)
+        start = position or StreamPosition()
+        # A copy: the caller's checkpoint object stays as it was.
+        self.position = StreamPosition(start.epoch, start.batches, list(start.raw) or [0] * self.workers,
+                                       start.corrupt)
+        if len(self.position.raw) != self.workers:
+            raise ValueError(f"the position has {len(self.position.raw)} workers' counts, the reader "
+                             f"{self.workers}: resume with the same num_workers")
+        self.bad_shards: set[str] = set()  # shards that failed to open or broke off, for metrics
+        # Everything of the streams but the epoch and the place to resume from, which change.
+        self._stream = functools.partial(
+            PairStream, shards, rank=rank, world_size=world_size, num_workers=num_workers,
+            batch_size=batch_size, seed=seed, input_size=input_size, target_size=target_size,
+            exclude=exclude, latents=latents, shuffle_buffer=shuffle_buffer,
+        )
+        self._num_workers, self._prefetch_factor = num_workers, prefetch_factor
+        self._corrupt_seen = [0] * self.workers  # each stream's corrupt count at its last batch
+        self._batches: Iterator[dict[str, Any]] | None = self._open()
+
+    def _open(self) -> Iterator[dict[str, Any]]:
+        stream = self._stream(epoch=self.position.epoch, skip=list(self.position.raw),
+                              rotation=0)
+        self._corrupt_seen = [0] * self.workers
+        loader = DataLoader(stream, batch_size=None, num_workers=self._num_workers,
+                            prefetch_factor=self._prefetch_factor if self._num_workers else None)
+        return iter(loader)
+
+    def next_batch(self) -> dict[str, Any] | None:
+        """The next batch, or None once this rank's epoch is over: the worker whose turn it is ran out
+        (the DataLoader stops, or hands a batch from the next worker instead)."""
+        if self._batches is None:
+            return None
+        batch = next(self._batches, None)
+        if batch is None or batch["worker"] != self.position.batches % self.workers:
+            self._batches = None  # drops the DataLoader iterator, which shuts its workers down
+            return None
+        worker = batch["worker"]
+        self.position.batches += 1
+        self.position.raw[worker] = batch["position"]
+        self.position.corrupt += batch["corrupt"] - self._corrupt_seen[worker]
+        self._corrupt_seen[worker] = batch["corrupt"]
+        self.bad_shards.update(batch["bad_shards"])
+        return batch
+
+    def start_next_epoch(self) -> None:
+        self._batches = None
+        self.position.epoch += 1
+        self.position.batches = 0
+        self.position.raw = [0] * self.workers
+        self._batches = self._open()

@@ -364,13 +364,7 @@ def prepare_output(config: BuildConfig, overwrite: bool) -> None:
                 "or choose another --out"
             )
         _clear_output(config.out)
-    _write(config.out, CONFIG_FILE, config_yaml(config, "build"))
-
-
-def _write(out: str, name: str, data: bytes) -> None:
-    with storage.StagedOutputs(out) as staged:
-        staged.put(name, data)
-        staged.commit()
+    storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, "build"))
 
 
 def recorded_chunks(config: BuildConfig, plans: list[ChunkPlan]) -> dict[int, ChunkRecord]:
@@ -453,7 +447,7 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
                     for ref in finished:
                         plan = running.pop(ref)
                         record = ChunkRecord.from_json(ray.get(ref))
-                        _write(storage.join(config.out, PROGRESS_DIR), f"{plan.name}.json", record.to_json().encode())
+                        storage.publish_bytes(_progress_uri(config.out, plan), record.to_json().encode())
                         records[plan.index] = record
                     if counter is not None:
                         progress.update(*ray.get(counter.totals.remote()))

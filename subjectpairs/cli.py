@@ -247,6 +247,125 @@ def build_command(
     build_summary(report)
 
 
+def _comma_list(values: list[str] | None) -> list[str] | None:
+    """Repeatable options that also take comma-separated lists."""
+    if not values:
+        return None
+    return [part for value in values for part in value.split(",") if part]
+
+
+@app.command("train")
+def train_command(
+    shards: Annotated[Optional[list[str]], typer.Option(help="Pair shard folders/URIs (comma-separated or repeated).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder or URI: checkpoints, metrics.jsonl, config.yaml.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="tiny or blip-diffusion (size of a random model).")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Start from a diffusers BLIP-Diffusion folder or hub id.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (one per GPU).")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(help="Default: 1 when the cluster has GPUs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Samples per worker per step.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Train until this step.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of initialization, data order, noise.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    exclude: Annotated[Optional[str], typer.Option(help="File of pair keys to leave out, one per line.")] = None,
+    latents: Annotated[Optional[list[str]], typer.Option(help="Latent folders from `subjectpairs latents`, one per shard folder.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address (default: RAY_ADDRESS, else local Ray).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set lr=1e-5; repeatable.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config; flags override its keys.")] = None,
+) -> None:
+    """Pre-train the subject representation on pair shards with Ray Train (DDP), resumable exactly."""
+    from subjectpairs.training.config import TrainConfig
+    from subjectpairs.training.trainer import run_training
+
+    settings = load_config(TrainConfig, config, {
+        "shards": _comma_list(shards), "out": out, "model": model, "init": init, "workers": workers,
+        "gpus_per_worker": gpus_per_worker, "batch_size": batch_size, "max_steps": max_steps, "seed": seed,
+        "resume": resume or None, "exclude": exclude, "latents": _comma_list(latents), "address": address,
+        **parse_settings(set_),
+    })
+    try:
+        report = run_training(settings)
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
+    last = report.last or {}
+    console.print(f"trained to step {last.get('step', report.resumed_from)} (from {report.resumed_from}) -> {report.out}; "
+                  f"last loss {last.get('loss', float('nan')):.4f}, {last.get('samples_per_s', 0):.1f} samples/s")
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[str, typer.Argument(help="Run folder or URI of `subjectpairs train`.")],
+    out: Annotated[str, typer.Option(help="Folder for the diffusers BLIP-Diffusion layout.")],
+    step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: the latest).")] = None,
+) -> None:
+    """Export a run's checkpoint as a diffusers BLIP-Diffusion folder (for --init and generate)."""
+    from subjectpairs.training.export import export_run
+
+    try:
+        checkpoint = export_run(run, out, step)
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"exported {checkpoint} -> {out}")
+
+
+@app.command("generate")
+def generate_command(
+    model: Annotated[str, typer.Option(help="Diffusers BLIP-Diffusion folder or hub id.")],
+    subject_image: Annotated[Path, typer.Option(help="Photo of the subject (cropped to it).")],
+    category: Annotated[str, typer.Option(help="The subject's category, e.g. dog.")],
+    prompt: Annotated[str, typer.Option(help="What to show the subject doing.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")],
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    negative_prompt: Annotated[str, typer.Option(help="Text of the unconditional branch.")] = "",
+) -> None:
+    """Zero-shot subject-driven generation with the project's model code."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from subjectpairs.training.model import BlipDiffusion
+
+    try:
+        subject = Image.open(subject_image)
+        subject.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise _fail(f"{subject_image}: cannot read the subject image ({exc})") from exc
+    try:
+        pipeline = BlipDiffusion.from_pretrained(model)
+    except OSError as exc:
+        raise _fail(f"{model}: cannot load the model ({exc})") from exc
+    if torch.cuda.is_available():
+        pipeline = pipeline.to("cuda")
+    image = pipeline.generate(subject, category, prompt, steps=steps, guidance=guidance, seed=seed,
+                              negative_prompt=negative_prompt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    console.print(f"{image.size[0]}x{image.size[1]} -> {out}")
+
+
+@app.command("latents")
+def latents_command(
+    shards: Annotated[list[str], typer.Option(help="Pair shard folders/URIs (comma-separated or repeated).")],
+    out: Annotated[str, typer.Option(help="Folder or URI for the latent shards.")],
+    model: Annotated[str, typer.Option(help="tiny or blip-diffusion: the run's --model.")] = "blip-diffusion",
+    init: Annotated[Optional[str], typer.Option(help="The run's --init (its VAE encodes).")] = None,
+    seed: Annotated[int, typer.Option(help="The run's --seed (random models).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Targets per VAE call.")] = 32,
+    address: Annotated[Optional[str], typer.Option(help="Ray address (default: RAY_ADDRESS, else local Ray).")] = None,
+) -> None:
+    """Precompute the targets' VAE latents as side-car shards for `train --latents`."""
+    from subjectpairs.training.latents import VaeSource, write_latents
+
+    if model not in ("tiny", "blip-diffusion"):
+        raise _fail(f"--model {model}: expected tiny or blip-diffusion")
+    try:
+        manifest = write_latents(_comma_list(shards), out, VaeSource(model, init, seed), batch_size, address)
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
+    total = sum(entry["samples"] for entry in manifest["shards"])
+    console.print(f"{total:,} latents in {len(manifest['shards'])} shards -> {out}")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the generated data and every output.")] = Path("demo"),

@@ -146,3 +146,24 @@ class StagedOutputs:
             self.commit()
         else:
             self.discard()
+
+
+def publish_bytes(uri: str | Path, data: bytes) -> str:
+    """Write one whole file atomically (staged, then renamed or put in one request)."""
+    text = str(uri)
+    parent, name = (text.rstrip("/").rsplit("/", 1) if is_remote(text)
+                    else (str(local_path(text).parent), local_path(text).name))
+    with StagedOutputs(parent) as staged:
+        staged.put(name, data)
+        return staged.commit()[0]
+
+
+def publish_folder(local_folder: str | Path, uri: str | Path) -> None:
+    """Copy a local folder tree to a path or URI, replacing files of the same names."""
+    if is_remote(str(uri)):
+        fs, path = fsspec.core.url_to_fs(str(uri))
+        fs.put(str(local_folder).rstrip("/") + "/", path, recursive=True)
+        return
+    import shutil
+
+    shutil.copytree(local_folder, local_path(uri), dirs_exist_ok=True)

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+# default_collate stacks straight into shared memory in a DataLoader worker: no copy on the way out
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from subjectpairs import storage
@@ -58,6 +59,8 @@ LATENT_DOWNSCALE = 8
 # CLIP's normalization, which the BLIP-2 image encoder of BLIP-Diffusion was trained with
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+_PIXEL_SCALE = 1 / (255 * CLIP_STD)
+_PIXEL_OFFSET = CLIP_MEAN / CLIP_STD
 # BLIP-Diffusion's subject-image augmentation: RandomResizedCrop(scale=(0.9, 1.0)), default ratio range
 CROP_SCALE = (0.9, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -143,7 +146,7 @@ def read_exclude(uri: str | None) -> frozenset[str]:
     return frozenset(key for line in lines if (key := line.split("#", 1)[0].strip()))
 
 
-def _stable_seed(*parts: object) -> int:
+def stable_seed(*parts: object) -> int:
     """A 64-bit seed from values, the same in every process and run (unlike ``hash``)."""
     text = "\x1f".join(str(part) for part in parts)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
@@ -184,7 +187,7 @@ def plan_streams(
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
     expected = _expected_samples(shards, exclude)
     order = list(range(len(shards)))
-    random.Random(_stable_seed("plan", seed, epoch)).shuffle(order)
+    random.Random(stable_seed("plan", seed, epoch)).shuffle(order)
     streams: list[list[ShardInfo]] = [[] for _ in range(world_size * workers)]
     loads = [(0.0, stream) for stream in range(len(streams))]  # a heap: lightest first, then lowest index
     for index in order:
@@ -266,9 +269,10 @@ class PairStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.skip = list(skip) if skip is not None else [0] * self.workers
         self.rotation = rotation
-        # Only the members a batch needs are read out of the tar; alpha and trimap are skipped over.
-        image_member = TARGET_MEMBER if latents is None else LATENT_MEMBER
-        self.members = frozenset({INPUT_MEMBER, META_MEMBER, image_member})
+        # Only the members a batch needs are read out of the tar; alpha, trimap (and the target when
+        # latents stand in for it) are skipped over.
+        self.members = frozenset({INPUT_MEMBER, META_MEMBER, TARGET_MEMBER} if latents is None
+                                 else {INPUT_MEMBER, META_MEMBER})
         if self.latents is not None:
             missing = [s.uri for stream in self.streams for s in stream
                        if posixpath.basename(s.uri) not in self.latents]
@@ -297,7 +301,7 @@ class PairStream(IterableDataset):
                 batch = []
 
     def _shuffled(self, worker: int, counts: _StreamCounts) -> Iterator[dict[str, Any]]:
-        rng = random.Random(_stable_seed("shuffle", self.seed, self.epoch, self.rank, worker))
+        rng = random.Random(stable_seed("shuffle", self.seed, self.epoch, self.rank, worker))
         return iter(wds.filters.shuffle(bufsize=self.shuffle_buffer, rng=rng)(self._raw(worker, counts)))
 
     def _raw(self, worker: int, counts: _StreamCounts) -> Iterator[dict[str, Any]]:
@@ -314,7 +318,7 @@ class PairStream(IterableDataset):
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         key = sample["__key__"]
         meta = json.loads(sample[META_MEMBER])
-        rng = np.random.default_rng(_stable_seed("sample", self.seed, self.epoch, key))
+        rng = np.random.default_rng(stable_seed("sample", self.seed, self.epoch, key))
         decoded = {
             "key": key,
             "pixel_values": subject_pixels(sample[INPUT_MEMBER], meta["box"], self.input_size, rng),
@@ -331,7 +335,7 @@ class PairStream(IterableDataset):
                  counts: _StreamCounts) -> dict[str, Any]:
         collated: dict[str, Any] = {
             "keys": [s["key"] for s in batch],
-            "pixel_values": torch.from_numpy(np.stack([s["pixel_values"] for s in batch])),
+            "pixel_values": default_collate([s["pixel_values"] for s in batch]),
             "captions": [s["caption"] for s in batch],
             "categories": [s["category"] for s in batch],
             "worker": worker,
@@ -340,22 +344,28 @@ class PairStream(IterableDataset):
             "bad_shards": list(counts.bad_shards),
         }
         image_key = "target" if self.latents is None else "latents"
-        collated[image_key] = torch.from_numpy(np.stack([s[image_key] for s in batch]))
+        collated[image_key] = default_collate([s[image_key] for s in batch])
         return collated
+
+
+def iter_shard(uri: str, members: frozenset[str]) -> Iterator[dict[str, Any]]:
+    """A shard's samples in tar order: ``__key__`` and the named members (bytes), the others skipped
+    unread. Raises when the shard does not open or breaks off."""
+    with storage.open_input_stream(uri) as stream:
+        files = tar_file_expander([{"url": uri, "stream": stream}],
+                                  select_files=lambda name: name.partition(".")[2].lower() in members)
+        yield from group_by_keys(files)
 
 
 def _shard_samples(uri: str, members: frozenset[str], expected: int | None,
                    counts: _StreamCounts) -> Iterator[dict[str, Any]]:
-    """A shard's samples with only ``members`` read. A shard that does not open, breaks off, or holds
-    fewer samples than its manifest says is logged and counted; the samples read before still count."""
+    """:func:`iter_shard`, never fatal: a shard that does not open, breaks off, or holds fewer samples than
+    its manifest says is logged and counted; the samples read before still count."""
     read = 0
     try:
-        with storage.open_input_stream(uri) as stream:
-            files = tar_file_expander([{"url": uri, "stream": stream}],
-                                      select_files=lambda name: name.partition(".")[2].lower() in members)
-            for sample in group_by_keys(files):
-                read += 1
-                yield sample
+        for sample in iter_shard(uri, members):
+            read += 1
+            yield sample
     except Exception as exc:  # tarfile, pyarrow and fsspec raise many types for a broken or missing file
         counts.bad_shards.append(uri)
         log.warning("%s: shard skipped after %d samples (%s: %s)", uri, read, type(exc).__name__, exc)
@@ -394,8 +404,10 @@ def subject_pixels(data: bytes, box: list[float], size: int, rng: np.random.Gene
     resized = image.resize((size, size), Image.Resampling.BICUBIC, box=crop)
     if rng.random() < 0.5:
         resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    unit = np.asarray(resized, dtype=np.float32) / 255.0
-    return ((unit - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+    pixels = np.asarray(resized, dtype=np.float32)
+    pixels *= _PIXEL_SCALE  # in place: (pixels / 255 - mean) / std in two passes over the array
+    pixels -= _PIXEL_OFFSET
+    return pixels.transpose(2, 0, 1)
 
 
 def target_pixels(data: bytes, size: int) -> np.ndarray:
@@ -407,7 +419,10 @@ def target_pixels(data: bytes, size: int) -> np.ndarray:
     image, crop = _decode_for_crop(image, (left, top, left + side, top + side), size)
     # bilinear, as the diffusers training scripts resize their targets
     resized = image.resize((size, size), Image.Resampling.BILINEAR, box=crop)
-    return (np.asarray(resized, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+    pixels = np.asarray(resized, dtype=np.float32)
+    pixels *= 1 / 127.5
+    pixels -= 1.0
+    return pixels.transpose(2, 0, 1)
 
 
 def decode_latent(data: bytes, target_size: int) -> np.ndarray:
@@ -492,15 +507,17 @@ class BatchReader:
             exclude=exclude, latents=latents, shuffle_buffer=shuffle_buffer,
         )
         self._num_workers, self._prefetch_factor = num_workers, prefetch_factor
-        self._corrupt_seen = [0] * self.workers  # each stream's corrupt count at its last batch
         self._batches: Iterator[dict[str, Any]] | None = self._open()
 
     def _open(self) -> Iterator[dict[str, Any]]:
         stream = self._stream(epoch=self.position.epoch, skip=list(self.position.raw),
-                              rotation=0)
-        self._corrupt_seen = [0] * self.workers
+                              rotation=self.position.batches % self.workers)
+        self._corrupt_seen = [0] * self.workers  # each new stream's corrupt count at its last batch
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG,
+        # which the trainer checkpoints, so opening the loader at resume time would shift the noise.
         loader = DataLoader(stream, batch_size=None, num_workers=self._num_workers,
-                            prefetch_factor=self._prefetch_factor if self._num_workers else None)
+                            prefetch_factor=self._prefetch_factor if self._num_workers else None,
+                            generator=torch.Generator().manual_seed(stable_seed(self._stream.keywords["seed"], "loader")))
         return iter(loader)
 
     def next_batch(self) -> dict[str, Any] | None:

@@ -1,0 +1,156 @@
+"""The trainer end to end on local Ray (Ray Train, 1-2 CPU workers, gloo), with the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from subjectpairs.cli import app
+from subjectpairs.training.config import TrainConfig
+from subjectpairs.training.export import export_run
+from subjectpairs.training.latents import VaeSource, check_latents, write_latents
+from subjectpairs.training.model import BlipDiffusion
+from subjectpairs.training.trainer import RunInUse, latest_checkpoint, load_run_model, run_training
+from pair_shards import Dataset, write_pair_shards
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Dataset:
+    return write_pair_shards(tmp_path_factory.mktemp("pairs"), counts=[7, 5, 6, 6])
+
+
+@pytest.fixture(scope="module")
+def shards(dataset) -> Path:
+    return dataset.folder
+
+
+def train(ray_local, shards: Path, out: Path, **settings) -> list[dict]:
+    values = {"shards": [str(shards)], "out": str(out), "model": "tiny", "workers": 2, "loader_workers": 0,
+              "batch_size": 2, "max_steps": 4, "checkpoint_every": 2, "shuffle_buffer": 8, "lr": 1e-4, **settings}
+    run_training(TrainConfig.model_validate(values), progress=False)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def keys_by_step(out: Path, rank: int) -> dict[int, list[str]]:
+    steps: dict[int, list[str]] = {}
+    for line in (out / "keys" / f"rank-{rank:05d}.txt").read_text().splitlines():
+        step, key = line.split("\t")
+        steps.setdefault(int(step), []).append(key)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, dataset, tmp_path_factory) -> tuple[Path, set[str]]:
+    shards = dataset.folder
+    out = tmp_path_factory.mktemp("runs") / "two"
+    excluded = set(dataset.all_keys[::5])
+    exclude = out.parent / "rejects.txt"
+    exclude.write_text("# reviewer rejects\n" + "\n".join(sorted(excluded)) + "\n")
+    train(ray_local, shards, out, record_keys=True, exclude=str(exclude), loader_workers=1, max_steps=4)
+    return out, excluded
+
+
+def test_two_workers_see_disjoint_samples_in_equal_steps_and_never_an_excluded_key(two_worker_run):
+    out, excluded = two_worker_run
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["loss"] > 0 and m["samples_per_s"] > 0 and 0 <= m["data_wait"] <= 1 for m in metrics)
+    rank0, rank1 = keys_by_step(out, 0), keys_by_step(out, 1)
+    assert sorted(rank0) == sorted(rank1) == [1, 2, 3, 4]
+    seen0 = [k for step in rank0.values() for k in step]
+    seen1 = [k for step in rank1.values() for k in step]
+    assert len(seen0) == len(set(seen0)) == 8 and len(seen1) == len(set(seen1)) == 8
+    assert not set(seen0) & set(seen1)
+    assert not (set(seen0) | set(seen1)) & excluded
+    checkpoint = Path(latest_checkpoint(str(out)))
+    assert checkpoint.name == "step-00000004"
+    assert {p.name for p in checkpoint.iterdir()} >= {"trainable.safetensors", "optimizer.pt",
+                                                      "trainer_state.json", "rank-00000.pt", "rank-00001.pt"}
+
+
+def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(ray_local, shards, tmp_path):
+    """12 steps straight, against 6 steps then --resume to 12: the data crosses an epoch boundary (24
+    samples, 4 per step), and dropout, noise, timesteps and subject dropping all draw random numbers."""
+    straight = train(ray_local, shards, tmp_path / "straight", max_steps=12, checkpoint_every=3)
+    first = train(ray_local, shards, tmp_path / "resumed", max_steps=6, checkpoint_every=3)
+    resumed = train(ray_local, shards, tmp_path / "resumed", max_steps=12, checkpoint_every=3, resume=True)
+    assert [m["step"] for m in resumed] == list(range(1, 13))
+    assert [m["loss"] for m in first] == [m["loss"] for m in straight[:6]]
+    assert [m["loss"] for m in resumed[6:]] == [m["loss"] for m in straight[6:]]
+    assert max(m["epoch"] for m in straight) >= 1
+
+
+def test_a_run_folder_is_not_reused_by_accident(ray_local, shards, two_worker_run):
+    out, _ = two_worker_run
+    base = {"shards": [str(shards)], "out": str(out), "model": "tiny", "workers": 2, "batch_size": 2}
+    with pytest.raises(RunInUse, match="--resume"):
+        run_training(TrainConfig.model_validate(base), progress=False)
+    with pytest.raises(RunInUse, match="lr"):
+        run_training(TrainConfig.model_validate({**base, "resume": True, "lr": 1.0}), progress=False)
+
+
+def test_overfitting_eight_samples_lowers_the_loss(ray_local, tmp_path):
+    shards = tmp_path / "eight"
+    write_pair_shards(shards, counts=[8])
+    metrics = train(ray_local, shards, tmp_path / "overfit", workers=1, batch_size=8, max_steps=40, lr=2e-3,
+                    checkpoint_every=40, drop_subject_prob=0.0)
+    losses = [m["loss"] for m in metrics]
+    assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:8]) / 8
+
+
+def test_export_then_init_keeps_every_weight(two_worker_run, tmp_path):
+    out, _ = two_worker_run
+    export = tmp_path / "export"
+    export_run(str(out), str(export))
+    assert (export / "model_index.json").is_file()
+    exported = BlipDiffusion.from_pretrained(export)
+    trained = load_file(str(Path(latest_checkpoint(str(out))) / "trainable.safetensors"))
+    state = exported.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in trained.items())
+    base = BlipDiffusion.from_pretrained(out / "base").state_dict()
+    frozen = [name for name in state if name.startswith(("vae.", "qformer.visual_encoder."))]
+    assert frozen and all(torch.equal(state[name], base[name]) for name in frozen)
+    assert any(not torch.equal(state[name], base[name]) for name in trained)  # training changed weights
+    continued = load_run_model(TrainConfig(shards=["x"], out=str(tmp_path / "next"), init=str(export)), str(tmp_path))
+    assert all(torch.equal(continued.state_dict()[name], tensor) for name, tensor in state.items())
+
+
+def test_generate_command_writes_an_image(two_worker_run, tmp_path):
+    from PIL import Image
+
+    out, _ = two_worker_run
+    export = tmp_path / "model"
+    export_run(str(out), str(export))
+    subject = tmp_path / "subject.jpg"
+    Image.new("RGB", (48, 40), (180, 40, 40)).save(subject)
+    result = CliRunner().invoke(app, ["generate", "--model", str(export), "--subject-image", str(subject),
+                                      "--category", "dog", "--prompt", "a dog on the beach", "--steps", "2",
+                                      "--out", str(tmp_path / "dog.png")])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "dog.png").size == (64, 64)
+
+
+def test_training_on_cached_latents(ray_local, shards, tmp_path):
+    latents = tmp_path / "latents"
+    manifest = write_latents([str(shards)], str(latents), VaeSource("tiny", None, seed=0), batch_size=4)
+    assert sum(entry["samples"] for entry in manifest["shards"]) == 24
+    metrics = train(ray_local, shards, tmp_path / "cached", latents=[str(latents)], max_steps=2)
+    assert [m["step"] for m in metrics] == [1, 2]
+    with pytest.raises(ValueError, match="another VAE"):
+        check_latents([str(latents)], BlipDiffusion.from_config("tiny", seed=1).vae)

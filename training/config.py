@@ -1,0 +1,66 @@
+"""Typed configuration of a training run, validated at start-up and written to ``RUN/config.yaml``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shards: list[str] = Field(min_length=1, description="pair shard folders/prefixes (with manifest.json) or .tar URIs")
+    out: str
+    model: Literal["tiny", "blip-diffusion"] = "blip-diffusion"
+    init: str | None = Field(None, description="diffusers BLIP-Diffusion folder or hub id to start from")
+    qformer_tokenizer: str | None = Field(None, description="BERT tokenizer for an --init without one")
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
+    gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
+    cpus_per_worker: float = Field(1, gt=0)
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per worker (0: in the training process)")
+    batch_size: int = Field(16, ge=1, description="per worker")
+    max_steps: int = Field(1000, ge=0)
+    seed: int = 0
+    lr: float = Field(2e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    drop_subject_prob: float = Field(0.15, ge=0, le=1)
+    shuffle_buffer: int = Field(1000, ge=1)
+    exclude: str | None = Field(None, description="file of pair keys to leave out, one per line")
+    latents: list[str] | None = Field(None, description="side-car latent shard folders (subjectpairs latents)")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on GPU only")
+    compile: bool = Field(False, description="torch.compile the UNet and the text encoder")
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(1, ge=1)
+    record_keys: bool = Field(False, description="write RUN/keys/rank-N.txt: the keys each rank trained on")
+    max_failures: int = Field(0, ge=0, description="worker failures to recover from the last checkpoint")
+    address: str | None = None
+    resume: bool = False
+
+    # Settings that may change between a run and its resumption: where and how long, not what it computes.
+    RESUMABLE_KEYS: ClassVar[tuple[str, ...]] = (
+        "out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "max_failures",
+        "address", "resume", "compile", "cpus_per_worker",
+    )
+
+    @field_validator("shards", "latents", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.latents is not None and len(self.latents) != len(self.shards):
+            raise ValueError("--latents needs one latent folder per --shards entry, in the same order")
+        return self
+
+    def run_hash(self) -> str:
+        """SHA-256 of the settings that decide the run's numbers; a resumption must match it."""
+        settings = self.model_dump(mode="json", exclude=set(self.RESUMABLE_KEYS))
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,44 @@
+"""Export a run's checkpoint as a diffusers BLIP-Diffusion folder (loadable by ``--init`` and ``generate``)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from subjectpairs import storage
+from subjectpairs.errors import InputError
+
+from .config import TrainConfig
+from .trainer import (
+    CONFIG_FILE,
+    TRAINABLE_FILE,
+    checkpoint_name,
+    latest_checkpoint,
+    load_run_model,
+)
+
+
+def run_config(run: str) -> TrainConfig:
+    uri = storage.join(run, CONFIG_FILE)
+    if not storage.exists(uri):
+        raise InputError(f"{run}: not a training run (no {CONFIG_FILE})")
+    return TrainConfig.model_validate(yaml.safe_load(storage.read_bytes(uri)))
+
+
+def export_run(run: str, out: str, step: int | None = None) -> str:
+    """The run's starting weights with the checkpoint's trainable weights on top, saved in the diffusers
+    layout to ``out``; returns the checkpoint used."""
+    from safetensors.torch import load
+
+    config = run_config(run)
+    checkpoint = storage.join(run, checkpoint_name(step)) if step is not None else latest_checkpoint(run)
+    if checkpoint is None or not storage.exists(storage.join(checkpoint, TRAINABLE_FILE)):
+        raise InputError(f"{run}: no checkpoint{f' at step {step}' if step is not None else ''} to export")
+    with tempfile.TemporaryDirectory() as scratch:
+        model = load_run_model(config, scratch)
+        model.load_trainable_state_dict(load(storage.read_bytes(storage.join(checkpoint, TRAINABLE_FILE))))
+        folder = model.save_pretrained(Path(scratch) / "export")
+        storage.publish_folder(folder, out)
+    return checkpoint

@@ -1,0 +1,137 @@
+"""``subjectpairs latents``: side-car shards of the targets' VAE posteriors, keyed like the pairs.
+
+Training with them skips the VAE encoder in every step. Each pair shard gets a latent shard of the same
+name holding ``<key>.latent.npy`` (float16, the posterior's mean then std, 8 x size/8 x size/8), and the
+folder a ``manifest.json`` that records which VAE made them, so a run with another VAE refuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from subjectpairs import storage
+from subjectpairs.errors import InputError
+from subjectpairs.pipelines.shards import publish_file
+
+from .data import (
+    LATENT_MEMBER,
+    MANIFEST_FILE,
+    TARGET_MEMBER,
+    ShardInfo,
+    iter_shard,
+    resolve_shards,
+    target_pixels,
+    write_latent_member,
+)
+
+
+@dataclass(frozen=True)
+class VaeSource:
+    """The VAE of a run: ``init``'s, or that of the random ``kind`` model built from ``seed``."""
+
+    kind: str
+    init: str | None
+    seed: int
+
+    def load(self):
+        if self.init:
+            from diffusers import AutoencoderKL
+
+            return AutoencoderKL.from_pretrained(self.init, subfolder="vae")
+        from .model import BlipDiffusion
+
+        return BlipDiffusion.from_config(self.kind, seed=self.seed).vae
+
+
+def vae_fingerprint(vae) -> str:
+    """SHA-256 over the VAE's weights: latents are only valid for the VAE that made them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def encode_shard(shard: ShardInfo, out: str, vae, target_size: int, batch_size: int) -> dict:
+    """One pair shard -> its latent shard; returns its manifest entry."""
+    import torch
+    import webdataset as wds
+
+    device = next(vae.parameters()).device
+    name = Path(shard.uri.rstrip("/")).name
+    keys: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / name
+        with wds.TarWriter(str(local)) as writer:
+            batch: list[tuple[str, np.ndarray]] = []
+
+            def flush() -> None:
+                pixels = torch.from_numpy(np.stack([p for _, p in batch])).to(device)
+                with torch.no_grad():
+                    posterior = vae.encode(pixels).latent_dist
+                stacked = torch.cat([posterior.mean, posterior.std], dim=1).float().cpu().numpy()
+                for (key, _), latent in zip(batch, stacked):
+                    write_latent_member(writer, key, latent)
+                    keys.append(key)
+                batch.clear()
+
+            for sample in iter_shard(shard.uri, frozenset({TARGET_MEMBER})):
+                try:
+                    batch.append((sample["__key__"], target_pixels(sample[TARGET_MEMBER], target_size)))
+                except Exception:  # a target that does not decode has no latent; training skips the pair
+                    continue
+                if len(batch) == batch_size:
+                    flush()
+            if batch:
+                flush()
+        publish_file(str(local), storage.join(out, name))
+    return {"name": name, "samples": len(keys), "first_key": keys[0] if keys else None,
+            "last_key": keys[-1] if keys else None}
+
+
+def write_latents(shards: list[str], out: str, source: VaeSource, batch_size: int = 32,
+                  address: str | None = None) -> dict:
+    """Latent shards for every pair shard, one Ray task per shard (on a GPU where the cluster has one)."""
+    import ray
+
+    pair_shards = resolve_shards(shards)
+    if not pair_shards:
+        raise InputError(f"no pair shards in {', '.join(shards)}")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+    @ray.remote(num_gpus=gpus, max_retries=2)
+    def encode(shard: ShardInfo) -> dict:
+        import torch
+
+        vae = source.load().to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        size = vae.config.sample_size
+        return encode_shard(shard, out, vae, size, batch_size)
+
+    vae = source.load()
+    entries = ray.get([encode.remote(shard) for shard in pair_shards])
+    manifest = {"kind": LATENT_MEMBER, "vae": {"kind": source.kind, "init": source.init, "seed": source.seed,
+                                               "sha256": vae_fingerprint(vae)},
+                "target_size": vae.config.sample_size, "shards": entries}
+    storage.publish_bytes(storage.join(out, MANIFEST_FILE), (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def check_latents(latents: list[str], vae) -> None:
+    """Refuse latent folders made by another VAE than the run's."""
+    expected = vae_fingerprint(vae)
+    for folder in latents:
+        uri = storage.join(folder, MANIFEST_FILE)
+        if not storage.exists(uri):
+            raise InputError(f"{folder}: no {MANIFEST_FILE}; make latents with `subjectpairs latents`")
+        made_by = json.loads(storage.read_bytes(uri)).get("vae", {}).get("sha256")
+        if made_by != expected:
+            raise InputError(f"{folder}: latents made by another VAE than this run's (rerun `subjectpairs latents` "
+                             "with the run's --model/--init/--seed)")

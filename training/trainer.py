@@ -1,0 +1,419 @@
+"""Distributed subject-representation pre-training with Ray Train (``TorchTrainer``, DDP).
+
+Every rank builds the same model, streams its own shards (``data.BatchReader``), and steps in lockstep:
+a one-int all-reduce per step tells every rank whether all of them still have a batch, so uneven shards
+end an epoch everywhere at once instead of hanging DDP. A checkpoint (``RUN/step-XXXXXXXX/``) holds the
+trainable weights and the optimizer (rank 0) and, per rank, the RNG states and the data position, so a
+resumed run continues with the very batches, noise and dropout an uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from subjectpairs import storage
+from subjectpairs.configfile import config_yaml
+from subjectpairs.errors import InputError
+
+from .config import TrainConfig
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+BASE_DIR = "base"  # the starting weights of a run built from random configs
+CHECKPOINT_PREFIX = "step-"
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+
+
+class RunInUse(InputError):
+    """The run folder already holds checkpoints and --resume was not given, or they are incompatible."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def latest_checkpoint(run: str) -> str | None:
+    """The newest complete checkpoint folder of a run (one with the trainer state written)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run)
+    if not fs.exists(path):
+        return None
+    steps = sorted(p for p in fs.ls(path, detail=False) if Path(p).name.startswith(CHECKPOINT_PREFIX)
+                   and fs.exists(f"{p}/{STATE_FILE}"))
+    if not steps:
+        return None
+    return storage.join(run, Path(steps[-1]).name)
+
+
+def base_source(config: TrainConfig) -> str:
+    """Where a run's starting weights live: ``--init``, or the random model saved in ``RUN/base``."""
+    return config.init or storage.join(config.out, BASE_DIR)
+
+
+def _local_folder(uri: str, scratch: str) -> str:
+    """A local copy of a folder URI (models load from local folders or hub ids)."""
+    if not storage.is_remote(uri):
+        return str(storage.local_path(uri))
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    target = os.path.join(scratch, Path(path).name)
+    fs.get(path, target, recursive=True)
+    return target
+
+
+def _is_folder_uri(source: str) -> bool:
+    return storage.is_remote(source) or Path(source).exists()
+
+
+def load_run_model(config: TrainConfig, scratch: str):
+    from .model import BlipDiffusion
+
+    source = base_source(config)
+    if _is_folder_uri(source):
+        source = _local_folder(source, scratch)
+    model = BlipDiffusion.from_pretrained(source, qformer_tokenizer=config.qformer_tokenizer)
+    model.drop_subject_prob = config.drop_subject_prob
+    return model
+
+
+# -- the per-rank training loop ------------------------------------------------------------------------
+
+def _rng_state(device) -> dict:
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class MetricsLog:
+    """``RUN/metrics.jsonl``, written by rank 0. Appended in place on local disks; for object stores a
+    local copy is appended and uploaded at every checkpoint and at the end."""
+
+    def __init__(self, run: str, keep_through_step: int) -> None:
+        self.uri = storage.join(run, METRICS_FILE)
+        self.remote = storage.is_remote(run)
+        self.path = (Path(tempfile.mkdtemp()) / METRICS_FILE) if self.remote else storage.local_path(self.uri)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = []
+        if storage.exists(self.uri):
+            # A resumed run drops what the interrupted one logged after its last checkpoint.
+            lines = [line for line in storage.read_bytes(self.uri).decode().splitlines()
+                     if line.strip() and json.loads(line)["step"] <= keep_through_step]
+        self.path.write_text("".join(line + "\n" for line in lines))
+        self.file = self.path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def sync(self) -> None:
+        if self.remote:
+            storage.publish_bytes(self.uri, self.path.read_bytes())
+
+    def close(self) -> None:
+        self.file.close()
+        self.sync()
+
+
+@dataclass
+class StepTimer:
+    data_seconds: float = 0.0
+    started: float = 0.0
+
+
+def train_loop(config_dict: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    from .data import BatchReader, StreamPosition, read_exclude, resolve_shards, stable_seed
+    from .latents import check_latents
+
+    config = TrainConfig.model_validate(config_dict)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    scratch = tempfile.mkdtemp(prefix="subjectpairs-train-")
+
+    model = load_run_model(config, scratch)
+    if config.latents:
+        check_latents(config.latents, model.vae)
+    model = model.to(device)
+    if config.compile:
+        model.unet = torch.compile(model.unet)
+        model.text_encoder = torch.compile(model.text_encoder)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    step, position = 0, StreamPosition()
+    torch.manual_seed(stable_seed(config.seed, "rank", rank))
+    random.seed(stable_seed(config.seed, "python", rank))
+    np.random.seed(stable_seed(config.seed, "numpy", rank) % 2**32)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            model.load_trainable_state_dict(load_file(os.path.join(folder, TRAINABLE_FILE), device=str(device)))
+            optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location=device,
+                                                 weights_only=False))
+            step = json.loads(Path(folder, STATE_FILE).read_text())["step"]
+            rank_state = torch.load(os.path.join(folder, f"rank-{rank:05d}.pt"), weights_only=False)
+        _set_rng_state(rank_state["rng"], device)
+        position = StreamPosition.from_dict(rank_state["position"])
+    network = ray.train.torch.prepare_model(model, move_to_device=False,
+                                            parallel_strategy_kwargs={"broadcast_buffers": False})
+    network.train()
+
+    reader = BatchReader(
+        resolve_shards(config.shards), rank=rank, world_size=world, num_workers=config.loader_workers,
+        batch_size=config.batch_size, seed=config.seed, input_size=model.input_size,
+        target_size=model.target_size, exclude=read_exclude(config.exclude),
+        latents=resolve_shards(config.latents) if config.latents else None,
+        shuffle_buffer=config.shuffle_buffer, position=position,
+    )
+    bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    metrics = MetricsLog(config.out, keep_through_step=step) if rank == 0 else None
+    keys_log = _keys_log(config, rank, step) if config.record_keys else None
+    progress = _progress_actor() if rank == 0 else None
+
+    def all_ranks(value: float, op) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        if distributed:
+            dist.all_reduce(tensor, op=op)
+        return float(tensor.item())
+
+    def save_checkpoint(record: dict) -> None:
+        folder = tempfile.mkdtemp(prefix="checkpoint-", dir=scratch)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()},
+                      os.path.join(folder, TRAINABLE_FILE))
+            torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
+            Path(folder, STATE_FILE).write_text(json.dumps({"step": step, "epoch": reader.position.epoch,
+                                                            "run_hash": config.run_hash()}))
+            metrics.sync()
+        torch.save({"rng": _rng_state(device), "position": reader.position.to_dict()},
+                   os.path.join(folder, f"rank-{rank:05d}.pt"))
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=checkpoint_name(step))
+        shutil.rmtree(folder, ignore_errors=True)
+
+    epoch_steps = 0
+    while step < config.max_steps:
+        started = time.perf_counter()
+        batch = reader.next_batch()
+        waited = time.perf_counter() - started
+        if all_ranks(1.0 if batch is not None else 0.0, dist.ReduceOp.MIN) == 0.0:
+            if epoch_steps == 0:
+                raise RuntimeError(
+                    f"the shards give no full batch of {config.batch_size} to each of {world} workers "
+                    f"({max(config.loader_workers, 1)} loader streams each); use fewer workers, loader "
+                    "workers or a smaller batch")
+            reader.start_next_epoch()
+            epoch_steps = 0
+            continue
+        with autocast():
+            loss = network(
+                batch["pixel_values"].to(device, non_blocking=True), batch["captions"], batch["categories"],
+                target=batch["target"].to(device, non_blocking=True) if "target" in batch else None,
+                latents=batch["latents"].to(device, non_blocking=True) if "latents" in batch else None,
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        step += 1
+        epoch_steps += 1
+        if keys_log is not None:
+            keys_log.write("".join(f"{step}\t{key}\n" for key in batch["keys"]))
+            keys_log.flush()
+        mean_loss = all_ranks(float(loss.detach()), dist.ReduceOp.SUM) / world
+        corrupt = all_ranks(float(reader.position.corrupt), dist.ReduceOp.SUM)
+        seconds = time.perf_counter() - started
+        record = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                  "samples_per_s": config.batch_size * world / seconds, "data_wait": waited / seconds,
+                  "epoch": reader.position.epoch, "corrupt_samples": int(corrupt)}
+        if rank == 0:
+            if step % config.log_every == 0 or step == config.max_steps:
+                metrics.write(record)
+            progress.update.remote(step, mean_loss, record["samples_per_s"])
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            save_checkpoint(record)
+    if metrics is not None:
+        metrics.close()
+    if keys_log is not None:
+        keys_log.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _keys_log(config: TrainConfig, rank: int, step: int):
+    """``RUN/keys/rank-N.txt`` (local runs only): ``step<TAB>key`` for every sample a rank trained on."""
+    path = storage.local_path(storage.join(config.out, "keys", f"rank-{rank:05d}.txt"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if int(line.split("\t", 1)[0]) <= step] if path.exists() else []
+    path.write_text("".join(kept))
+    return path.open("a")
+
+
+# -- the driver ----------------------------------------------------------------------------------------
+
+PROGRESS_ACTOR = "subjectpairs-train-progress"
+
+
+class TrainCounter:
+    """The latest step reported by rank 0, read by the driver's progress bar."""
+
+    def __init__(self) -> None:
+        self.latest = (0, float("nan"), 0.0)
+
+    def update(self, step: int, loss: float, samples_per_s: float) -> None:
+        self.latest = (step, loss, samples_per_s)
+
+    def read(self) -> tuple[int, float, float]:
+        return self.latest
+
+
+def _progress_actor():
+    import ray
+
+    return ray.get_actor(PROGRESS_ACTOR)
+
+
+def prepare_run(config: TrainConfig) -> int:
+    """Checks the run folder against --resume and writes config.yaml; returns the step to resume from."""
+    latest = latest_checkpoint(config.out)
+    if latest is None:
+        if storage.exists(storage.join(config.out, CONFIG_FILE)) and not config.resume:
+            raise RunInUse(f"{config.out} holds another run's files; pass --resume to continue it or choose "
+                           "another --out")
+        storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, "train"))
+        return 0
+    if not config.resume:
+        raise RunInUse(f"{config.out} already holds checkpoints (latest {Path(latest).name}); pass --resume "
+                       "to continue the run, or choose another --out")
+    previous = TrainConfig.model_validate(yaml.safe_load(storage.read_bytes(storage.join(config.out, CONFIG_FILE))))
+    if previous.run_hash() != config.run_hash():
+        changed = sorted(k for k, v in config.model_dump().items()
+                         if k not in TrainConfig.RESUMABLE_KEYS and previous.model_dump()[k] != v)
+        raise RunInUse(f"--resume with settings that change the run's numbers: {', '.join(changed)}")
+    state = json.loads(storage.read_bytes(storage.join(latest, STATE_FILE)))
+    storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, "train"))
+    return int(state["step"])
+
+
+def _save_base(config: TrainConfig) -> None:
+    """A run from random weights saves them once, so export, resumption and every rank share them."""
+    if config.init or storage.exists(storage.join(config.out, BASE_DIR, "model_index.json")):
+        return
+    from .model import BlipDiffusion
+
+    model = BlipDiffusion.from_config(config.model, seed=config.seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        model.save_pretrained(scratch)
+        storage.publish_folder(scratch, storage.join(config.out, BASE_DIR))
+
+
+def _storage(run: str) -> dict:
+    """RunConfig storage arguments: Ray writes checkpoints straight into the run folder."""
+    if not storage.is_remote(run):
+        path = storage.local_path(run).resolve()
+        return {"storage_path": str(path.parent), "name": path.name}
+    import fsspec
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(run)
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    return {"storage_path": parent, "name": name,
+            "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+
+
+@dataclass
+class TrainReport:
+    out: str
+    steps: int
+    resumed_from: int
+    last: dict | None
+
+
+def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resumed_from = prepare_run(config)
+    _save_base(config)
+    if not ray.is_initialized():
+        ray.init(address=config.address, include_dashboard=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    gpus = config.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    counter = ray.remote(num_cpus=0)(TrainCounter).options(name=PROGRESS_ACTOR, lifetime="detached",
+                                                           get_if_exists=True).remote()
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config.model_dump(mode="json"),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=bool(gpus), resources_per_worker=resources),
+        run_config=RunConfig(**_storage(config.out),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=config.max_failures)),
+    )
+    stop = threading.Event()
+    bar = threading.Thread(target=_draw_progress, args=(counter, config.max_steps, resumed_from, stop),
+                           daemon=True) if progress else None
+    if bar:
+        bar.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if bar:
+            bar.join()
+        ray.kill(counter)
+    return TrainReport(config.out, config.max_steps, resumed_from, result.metrics)
+
+
+def _draw_progress(counter, total: int, start: int, stop: threading.Event) -> None:
+    import ray
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn()) as bar:
+        task = bar.add_task("train", total=total, completed=start, info="")
+        while not stop.wait(0.5):
+            step, loss, rate = ray.get(counter.read.remote())
+            if step:
+                bar.update(task, completed=step, info=f"loss {loss:.4f}, {rate:.1f} samples/s")

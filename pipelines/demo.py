@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -29,6 +31,9 @@ from subjectpairs.pipelines.config import BuildConfig
 from subjectpairs.pipelines.sample_photos import SUBJECT_PHOTOS, TEXTURES, photo
 from subjectpairs.pipelines.shards import read_shard
 
+if TYPE_CHECKING:
+    from subjectpairs.training.trainer import TrainReport
+
 BBOX_FILE = "train-annotations-bbox.csv"
 CLASSES_FILE = "class-descriptions-boxable.csv"
 
@@ -43,6 +48,8 @@ class DemoReport:
     filter: FilterReport
     build: BuildReport
     contact_sheet: Path
+    train: "TrainReport | None" = None
+    generated: Path | None = None
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:
@@ -165,7 +172,35 @@ def contact_sheet(shard_uris: list[str], path: Path, limit: int = 12, height: in
     return path
 
 
-def run_demo(out: Path, scenes: int = 21, seed: int = 0, show_progress: bool = True) -> DemoReport:
+def train_demo(out: Path, shards: list[str], seed: int, steps: int, show_progress: bool):
+    """A few steps of the tiny model on the demo shards (Ray Train, one CPU worker), its export, and one
+    generated image conditioned on the first pair's subject."""
+    from subjectpairs.training.config import TrainConfig
+    from subjectpairs.training.export import export_run
+    from subjectpairs.training.model import BlipDiffusion
+    from subjectpairs.training.trainer import run_training
+
+    run = out / "run"
+    shutil.rmtree(run, ignore_errors=True)  # the demo folder is scratch: each demo trains afresh
+    config = TrainConfig(shards=[str(out / "shards")], out=str(run), model="tiny", workers=1, loader_workers=1,
+                         batch_size=4, max_steps=steps, checkpoint_every=steps, lr=1e-4, seed=seed)
+    report = run_training(config, progress=show_progress)
+    export_run(str(run), str(out / "model"))
+    first = read_shard(shards[0])[0]
+    meta = json.loads(first["json"])
+    subject = Image.open(io.BytesIO(first["input.jpg"])).convert("RGB")
+    xmin, xmax, ymin, ymax = meta["box"]
+    subject = subject.crop((round(xmin * subject.width), round(ymin * subject.height),
+                            round(xmax * subject.width), round(ymax * subject.height)))
+    image = BlipDiffusion.from_pretrained(out / "model").generate(
+        subject, meta["category"], f"a {meta['category'].lower()} on the beach", steps=10, seed=seed)
+    generated = out / "generated.png"
+    image.save(generated)
+    return report, generated
+
+
+def run_demo(out: Path, scenes: int = 21, seed: int = 0, show_progress: bool = True, train: bool = True,
+             train_steps: int = 12) -> DemoReport:
     out = Path(out)
     filter_config, images, pool = write_demo_data(out, scenes, seed)
     filtered = run_filter(filter_config)
@@ -177,4 +212,7 @@ def run_demo(out: Path, scenes: int = 21, seed: int = 0, show_progress: bool = T
     built = run_build(build_config, overwrite=True, show_progress=show_progress)
     shards = [str(out / "shards" / shard["name"]) for shard in built.manifest["shards"]]
     sheet = contact_sheet(shards, out / "contact-sheet.png")
-    return DemoReport(filter=filtered, build=built, contact_sheet=sheet)
+    report = DemoReport(filter=filtered, build=built, contact_sheet=sheet)
+    if train:
+        report.train, report.generated = train_demo(out, shards, seed, train_steps, show_progress)
+    return report

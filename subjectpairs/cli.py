@@ -371,14 +371,21 @@ def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the generated data and every output.")] = Path("demo"),
     scenes: Annotated[int, typer.Option(help="Generated scenes besides the real photos.")] = 21,
     seed: Annotated[int, typer.Option(help="Seed of the generated data and the backgrounds.")] = 0,
+    train: Annotated[bool, typer.Option(help="Train the tiny model a few steps on the shards, export, generate.")] = True,
+    train_steps: Annotated[int, typer.Option(help="Training steps of the demo run.")] = 12,
 ) -> None:
-    """Run the pipeline offline: photos in OpenImages format -> filter -> shards (GrabCut, local Ray)."""
+    """Run the pipeline offline: photos in OpenImages format -> filter -> shards (GrabCut, local Ray)
+    -> a short Ray Train run of the tiny model -> export -> one generated image."""
     from subjectpairs.pipelines.demo import run_demo
 
-    report = run_demo(out, scenes=scenes, seed=seed)
+    report = run_demo(out, scenes=scenes, seed=seed, train=train, train_steps=train_steps)
     console.print(funnel_table(report.filter.funnel))
     build_summary(report.build)
     console.print(f"shards in {report.build.out_dir}; contact sheet: {report.contact_sheet}")
+    if report.train is not None:
+        last = report.train.last or {}
+        console.print(f"trained the tiny model to step {last.get('step')} (loss {last.get('loss', float('nan')):.4f}) "
+                      f"-> {report.train.out}; exported to {out / 'model'}; generated {report.generated}")
 
 
 @app.command("version")

@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import box_row, write_boxes
 from subjectpairs.cli import app
 
 runner = CliRunner()
-COMMANDS = ["filter", "pair", "build", "demo", "version"]
+COMMANDS = ["filter", "pair", "build", "train", "export", "generate", "latents", "demo", "version"]
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
@@ -67,7 +68,7 @@ def test_invalid_option_value(tmp_path, classes_csv):
 
 @pytest.mark.slow
 def test_demo(tmp_path):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--scenes", "6"])
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--scenes", "6", "--train-steps", "3"])
     assert result.exit_code == 0, result.output
     funnel = json.loads((tmp_path / "demo" / "candidates" / "funnel.json").read_text())
     # the astronaut (Person), the rocket (aspect), groups, repeats and small boxes are all filtered out
@@ -77,6 +78,10 @@ def test_demo(tmp_path):
     assert manifest["pairs"] >= 5 and manifest["rejects"] == 2  # a corrupt photo and a missing one
     assert (tmp_path / "demo" / "contact-sheet.png").stat().st_size > 10_000
     assert "decode_error" in result.output and "contact sheet" in result.output
+    steps = [json.loads(line)["step"] for line in (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert (tmp_path / "demo" / "model" / "model_index.json").is_file()
+    assert Image.open(tmp_path / "demo" / "generated.png").size == (64, 64)
 
 
 def test_build_flags_and_settings_are_validated_before_anything_runs(tmp_path):

@@ -69,3 +69,27 @@ def test_fetch_uses_credentials_when_configured_and_records_forbidden_reads(s3):
     with pytest.raises(PairRejected) as raised:
         PhotoFetcher(FetchConfig(anonymous=True)).fetch("s3://corpus/photos/a.jpg")
     assert raised.value.reason == "read_error" and "Forbidden" in raised.value.detail
+
+
+def test_training_reads_shards_from_and_writes_the_run_to_s3(tmp_path, s3):
+    import ray
+
+    from pair_shards import write_pair_shards
+    from subjectpairs.training.config import TrainConfig
+    from subjectpairs.training.export import export_run
+    from subjectpairs.training.trainer import run_training
+
+    local = write_pair_shards(tmp_path / "pairs", counts=[6, 6]).folder
+    s3.put(str(local) + "/", "corpus/pairs", recursive=True)
+    settings = {"shards": ["s3://corpus/pairs"], "out": "s3://corpus/runs/first", "model": "tiny", "workers": 1,
+                "loader_workers": 0, "batch_size": 2, "max_steps": 2, "checkpoint_every": 1}
+    run_training(TrainConfig.model_validate(settings), progress=False)
+    run_training(TrainConfig.model_validate({**settings, "max_steps": 3, "resume": True}), progress=False)
+    assert not ray.is_initialized()  # the run started (and stopped) its own Ray, whose workers see S3
+    s3.invalidate_cache()
+    lines = s3.cat_file("corpus/runs/first/metrics.jsonl").decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert s3.exists("corpus/runs/first/step-00000003/trainable.safetensors")
+    assert s3.exists("corpus/runs/first/base/model_index.json")
+    export_run("s3://corpus/runs/first", str(tmp_path / "model"))
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

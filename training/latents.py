@@ -103,7 +103,8 @@ def write_latents(shards: list[str], out: str, source: VaeSource, batch_size: in
     pair_shards = resolve_shards(shards)
     if not pair_shards:
         raise InputError(f"no pair shards in {', '.join(shards)}")
-    if not ray.is_initialized():
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
         ray.init(address=address, include_dashboard=False)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
@@ -116,7 +117,11 @@ def write_latents(shards: list[str], out: str, source: VaeSource, batch_size: in
         return encode_shard(shard, out, vae, size, batch_size)
 
     vae = source.load()
-    entries = ray.get([encode.remote(shard) for shard in pair_shards])
+    try:
+        entries = ray.get([encode.remote(shard) for shard in pair_shards])
+    finally:
+        if owns_ray:
+            ray.shutdown()
     manifest = {"kind": LATENT_MEMBER, "vae": {"kind": source.kind, "init": source.init, "seed": source.seed,
                                                "sha256": vae_fingerprint(vae)},
                 "target_size": vae.config.sample_size, "shards": entries}

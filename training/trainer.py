@@ -374,7 +374,8 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
 
     resumed_from = prepare_run(config)
     _save_base(config)
-    if not ray.is_initialized():
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
         ray.init(address=config.address, include_dashboard=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     gpus = config.gpus_per_worker
@@ -403,6 +404,8 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
         if bar:
             bar.join()
         ray.kill(counter)
+        if owns_ray:
+            ray.shutdown()
     return TrainReport(config.out, config.max_steps, resumed_from, result.metrics)
 
 

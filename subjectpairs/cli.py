@@ -260,6 +260,8 @@ def train_command(
     out: Annotated[Optional[str], typer.Option(help="Run folder or URI: checkpoints, metrics.jsonl, config.yaml.")] = None,
     model: Annotated[Optional[str], typer.Option(help="tiny or blip-diffusion (size of a random model).")] = None,
     init: Annotated[Optional[str], typer.Option(help="Start from a diffusers BLIP-Diffusion folder or hub id.")] = None,
+    stable_diffusion: Annotated[Optional[str], typer.Option(help="Or start from SD-1.5 (folder or hub id) ...")] = None,
+    qformer: Annotated[Optional[str], typer.Option(help="... with this Q-Former (folder, BLIP-Diffusion layout).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (one per GPU).")] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(help="Default: 1 when the cluster has GPUs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Samples per worker per step.")] = None,
@@ -278,6 +280,7 @@ def train_command(
 
     settings = load_config(TrainConfig, config, {
         "shards": _comma_list(shards), "out": out, "model": model, "init": init, "workers": workers,
+        "stable_diffusion": stable_diffusion, "qformer": qformer,
         "gpus_per_worker": gpus_per_worker, "batch_size": batch_size, "max_steps": max_steps, "seed": seed,
         "resume": resume or None, "exclude": exclude, "latents": _comma_list(latents), "address": address,
         **parse_settings(set_),

@@ -109,3 +109,30 @@ def test_generate_is_seeded(tiny_model):
     other = tiny_model.generate(subject, "dog", "a dog on the beach", steps=3, seed=6)
     assert first.size == (tiny_model.target_size, tiny_model.target_size)
     assert first.tobytes() == again.tobytes() != other.tobytes()
+
+
+def test_start_from_stable_diffusion_and_a_qformer(tiny_model, tmp_path):
+    """SD-1.5's layout (text encoder weights under ``text_model.`` as on the hub) plus a Q-Former folder."""
+    from safetensors.torch import load_file
+
+    from subjectpairs.training.config import TrainConfig
+
+    sd = tmp_path / "sd15"
+    for part in ("text_encoder", "unet", "vae", "tokenizer"):
+        getattr(tiny_model, part).save_pretrained(sd / part)
+    text_weights = sd / "text_encoder" / "model.safetensors"
+    save_file({f"text_model.{k}": v for k, v in load_file(text_weights).items()}, text_weights)
+    import diffusers
+
+    diffusers.PNDMScheduler.from_config(tiny_model.scheduler_config).save_pretrained(sd / "scheduler")
+    qformer = tmp_path / "qformer"
+    tiny_model.qformer.save_pretrained(qformer)
+    tiny_model.qformer_tokenizer.save_pretrained(qformer)
+
+    combined = BlipDiffusion.from_parts(sd, qformer)
+    before, after = tiny_model.state_dict(), combined.state_dict()
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="go together"):
+        TrainConfig(shards=["s"], out="o", stable_diffusion=str(sd))
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(shards=["s"], out="o", init="x", stable_diffusion=str(sd), qformer=str(qformer))

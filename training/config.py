@@ -16,6 +16,8 @@ class TrainConfig(BaseModel):
     out: str
     model: Literal["tiny", "blip-diffusion"] = "blip-diffusion"
     init: str | None = Field(None, description="diffusers BLIP-Diffusion folder or hub id to start from")
+    stable_diffusion: str | None = Field(None, description="instead of init: SD-1.5 folder or hub id (text encoder, UNet, VAE)")
+    qformer: str | None = Field(None, description="with stable_diffusion: Q-Former folder (BLIP-Diffusion layout)")
     qformer_tokenizer: str | None = Field(None, description="BERT tokenizer for an --init without one")
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
     gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
@@ -58,6 +60,11 @@ class TrainConfig(BaseModel):
     def _consistent(self) -> "TrainConfig":
         if self.latents is not None and len(self.latents) != len(self.shards):
             raise ValueError("--latents needs one latent folder per --shards entry, in the same order")
+        if self.init and (self.stable_diffusion or self.qformer):
+            raise ValueError("give either init, or stable_diffusion with qformer, not both")
+        if bool(self.stable_diffusion) != bool(self.qformer):
+            raise ValueError("stable_diffusion and qformer go together (a random Q-Former on a random image "
+                             "encoder would learn nothing)")
         return self
 
     def run_hash(self) -> str:

@@ -281,30 +281,41 @@ class BlipDiffusion(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | Path, qformer_tokenizer: str | None = None) -> "BlipDiffusion":
-        """A diffusers BLIP-Diffusion folder or hub id (``Salesforce/blipdiffusion``, or an export).
+        """A diffusers BLIP-Diffusion folder or hub id (``Salesforce/blipdiffusion``, or an export)."""
+        return cls.from_parts(source, source, qformer_tokenizer)
+
+    @classmethod
+    def from_parts(cls, diffusion: str | Path, qformer: str | Path,
+                   qformer_tokenizer: str | None = None) -> "BlipDiffusion":
+        """Text encoder, UNet, VAE, tokenizer and scheduler from ``diffusion`` (a BLIP-Diffusion or a
+        Stable Diffusion 1.5 folder or hub id), the Q-Former from ``qformer`` (a BLIP-Diffusion folder,
+        whose ``qformer/`` is used, or a Q-Former folder in that layout: a BLIP-2 Q-Former on a CLIP
+        ViT-L/14, as the paper pre-trained it).
 
         The released repository has no Q-Former tokenizer (its pipeline downloads ``bert-base-uncased``);
-        an export keeps one in ``qformer/``. ``qformer_tokenizer`` overrides both."""
+        an export keeps one beside the Q-Former. ``qformer_tokenizer`` overrides both."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        source = str(source)
+        diffusion, qformer = str(diffusion), str(qformer)
+        subfolder = _qformer_subfolder(qformer)
         try:
-            bert = BertTokenizer.from_pretrained(qformer_tokenizer or source,
-                                                 subfolder="" if qformer_tokenizer else "qformer",
+            bert = BertTokenizer.from_pretrained(qformer_tokenizer or qformer,
+                                                 subfolder="" if qformer_tokenizer else subfolder,
                                                  truncation_side="right")
         except OSError:
             bert = BertTokenizer.from_pretrained("bert-base-uncased", truncation_side="right")
         if "[DEC]" not in bert.get_vocab():
             bert.add_special_tokens({"bos_token": "[DEC]"})
-        processor = _read_image_processor(source)
+        processor = _read_image_processor(qformer) if subfolder else {}
+        scheduler = dict(DDPMScheduler.load_config(diffusion, subfolder="scheduler"))
         return cls(
-            qformer=SubjectQFormer.from_pretrained(source, subfolder="qformer"),
-            text_encoder=ContextCLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae"),
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+            qformer=SubjectQFormer.from_pretrained(qformer, subfolder=subfolder),
+            text_encoder=ContextCLIPTextModel.from_pretrained(diffusion, subfolder="text_encoder"),
+            unet=UNet2DConditionModel.from_pretrained(diffusion, subfolder="unet"),
+            vae=AutoencoderKL.from_pretrained(diffusion, subfolder="vae"),
+            tokenizer=CLIPTokenizer.from_pretrained(diffusion, subfolder="tokenizer"),
             qformer_tokenizer=bert,
-            scheduler_config=dict(DDPMScheduler.load_config(source, subfolder="scheduler")),
+            scheduler_config=scheduler,
             image_mean=processor.get("image_mean", CLIP_MEAN), image_std=processor.get("image_std", CLIP_STD),
         )
 
@@ -480,6 +491,15 @@ def _read_image_processor(source: str) -> dict:
         return {}
 
 
-def load_model(kind: ModelKind, init: str | None, seed: int = 0) -> BlipDiffusion:
-    """``init`` (a diffusers folder or hub id) when given, else random weights of size ``kind``."""
-    return BlipDiffusion.from_pretrained(init) if init else BlipDiffusion.from_config(kind, seed=seed)
+def _qformer_subfolder(source: str) -> str:
+    """``qformer`` for a whole BLIP-Diffusion folder or hub repository, "" for a Q-Former folder."""
+    local = Path(source)
+    if local.is_dir():
+        return "qformer" if (local / "qformer" / "config.json").is_file() else ""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(source, "config.json", subfolder="qformer")
+        return "qformer"
+    except Exception:  # not found, or offline: a Q-Former repository has its config at the root
+        return ""

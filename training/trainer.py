@@ -65,6 +65,10 @@ def base_source(config: TrainConfig) -> str:
     return config.init or storage.join(config.out, BASE_DIR)
 
 
+def _starts_from_parts(config: TrainConfig) -> bool:
+    return config.stable_diffusion is not None
+
+
 def _local_folder(uri: str, scratch: str) -> str:
     """A local copy of a folder URI (models load from local folders or hub ids)."""
     if not storage.is_remote(uri):
@@ -84,10 +88,14 @@ def _is_folder_uri(source: str) -> bool:
 def load_run_model(config: TrainConfig, scratch: str):
     from .model import BlipDiffusion
 
-    source = base_source(config)
-    if _is_folder_uri(source):
-        source = _local_folder(source, scratch)
-    model = BlipDiffusion.from_pretrained(source, qformer_tokenizer=config.qformer_tokenizer)
+    def local(source: str) -> str:
+        return _local_folder(source, scratch) if _is_folder_uri(source) else source
+
+    if _starts_from_parts(config):
+        model = BlipDiffusion.from_parts(local(config.stable_diffusion), local(config.qformer),
+                                         qformer_tokenizer=config.qformer_tokenizer)
+    else:
+        model = BlipDiffusion.from_pretrained(local(base_source(config)), qformer_tokenizer=config.qformer_tokenizer)
     model.drop_subject_prob = config.drop_subject_prob
     return model
 
@@ -335,7 +343,7 @@ def prepare_run(config: TrainConfig) -> int:
 
 def _save_base(config: TrainConfig) -> None:
     """A run from random weights saves them once, so export, resumption and every rank share them."""
-    if config.init or storage.exists(storage.join(config.out, BASE_DIR, "model_index.json")):
+    if config.init or _starts_from_parts(config) or storage.exists(storage.join(config.out, BASE_DIR, "model_index.json")):
         return
     from .model import BlipDiffusion
 

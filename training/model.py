@@ -269,15 +269,16 @@ class BlipDiffusion(nn.Module):
             qformer_tokenizer = tiny_bert_tokenizer(Path(scratch) / "bert")
         qformer_tokenizer.add_special_tokens({"bos_token": "[DEC]"})
         configs = _model_configs(kind, len(tokenizer), len(qformer_tokenizer))
-        torch.manual_seed(seed)
-        return cls(
-            qformer=SubjectQFormer(configs["qformer"]),
-            text_encoder=ContextCLIPTextModel(configs["text"]),
-            unet=UNet2DConditionModel(**configs["unet"]),
-            vae=AutoencoderKL(**configs["vae"]),
-            tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
-            scheduler_config={"_class_name": "PNDMScheduler", **SD_SCHEDULER},
-        )
+        with torch.random.fork_rng():  # seeded weights without touching the caller's random stream
+            torch.manual_seed(seed)
+            return cls(
+                qformer=SubjectQFormer(configs["qformer"]),
+                text_encoder=ContextCLIPTextModel(configs["text"]),
+                unet=UNet2DConditionModel(**configs["unet"]),
+                vae=AutoencoderKL(**configs["vae"]),
+                tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
+                scheduler_config={"_class_name": "PNDMScheduler", **SD_SCHEDULER},
+            )
 
     @classmethod
     def from_pretrained(cls, source: str | Path, qformer_tokenizer: str | None = None) -> "BlipDiffusion":

@@ -179,9 +179,9 @@ def train_loop(config_dict: dict) -> None:
     if config.latents:
         check_latents(config.latents, model.vae)
     model = model.to(device)
-    if config.compile:
-        model.unet = torch.compile(model.unet)
-        model.text_encoder = torch.compile(model.text_encoder)
+    if config.compile:  # in place: parameter names (and so checkpoints) stay those of the eager model
+        model.unet.compile()
+        model.text_encoder.compile()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")

@@ -221,6 +221,9 @@ def build_command(
     seed: Annotated[Optional[int], typer.Option(help="Seed of backgrounds and crops.")] = None,
     samples_per_shard: Annotated[Optional[int], typer.Option(help="Candidates planned per shard.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Build only the first N candidates (by key).")] = None,
+    exclude: Annotated[
+        Optional[str], typer.Option(help="File of sample keys not to build (reviewers' rejects), one per line.")
+    ] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray address (default: RAY_ADDRESS, else local Ray).")] = None,
     max_tasks: Annotated[Optional[int], typer.Option(help="Shard tasks in flight (default: cluster CPUs).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a build made with another configuration.")] = False,
@@ -235,7 +238,7 @@ def build_command(
 
     settings = load_config(BuildConfig, config, {
         "out": out, "candidates": candidates, "images": images, "captions": captions, "limit": limit,
-        "address": address, "max_tasks": max_tasks, "pair.composite.backgrounds": backgrounds or None,
+        "exclude": exclude, "address": address, "max_tasks": max_tasks, "pair.composite.backgrounds": backgrounds or None,
         "pair.segmenter.kind": segmenter, "pair.segmenter.model": model, "pair.size": size, "pair.seed": seed,
         "shards.samples": samples_per_shard, "filter.bbox": bbox, "filter.classes": classes,
         **parse_settings(set_),
@@ -245,6 +248,36 @@ def build_command(
     except InputError as exc:
         raise _fail(str(exc)) from exc
     build_summary(report)
+
+
+shards_app = typer.Typer(help="Work on built shards.", no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("compact")
+def shards_compact_command(
+    source: Annotated[str, typer.Argument(help="Shard folder or URI of `subjectpairs build` (with manifest.json).")],
+    exclude: Annotated[str, typer.Option(help="File of sample keys to remove (reviewers' rejects), one per line.")],
+    out: Annotated[str, typer.Option(help="Folder or URI for the compacted shards (not the source).")],
+) -> None:
+    """Rewrite shards without the pairs an exclude file lists; they become rejects (review, excluded)."""
+    from subjectpairs.pipelines.compact import compact_shards
+
+    try:
+        report = compact_shards(source, exclude, out)
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
+    manifest = report.manifest
+    dropped = f", {len(report.dropped_shards)} left empty and dropped" if report.dropped_shards else ""
+    console.print(
+        f"removed {len(report.removed):,} pairs; {manifest['pairs']:,} pairs in {len(manifest['shards'])} "
+        f"shards{dropped} -> {report.out_dir}", highlight=False,
+    )
+    if report.already_rejected:
+        console.print(f"{len(report.already_rejected):,} listed keys were already rejects", highlight=False)
+    if report.not_found:
+        shown = ", ".join(report.not_found[:5]) + (", ..." if len(report.not_found) > 5 else "")
+        console.print(f"{len(report.not_found):,} listed keys are not in the corpus: {shown}", highlight=False)
 
 
 def _comma_list(values: list[str] | None) -> list[str] | None:
@@ -367,6 +400,74 @@ def latents_command(
         raise _fail(str(exc)) from exc
     total = sum(entry["samples"] for entry in manifest["shards"])
     console.print(f"{total:,} latents in {len(manifest['shards'])} shards -> {out}")
+
+
+review_app = typer.Typer(help="Audit pairs in FiftyOne; rejected keys flow back to shards and training.",
+                          no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("build")
+def review_build_command(
+    shards: Annotated[str, typer.Option(help="Shard folder or URI (with manifest.json).")],
+    name: Annotated[str, typer.Option(help="Name of the persistent FiftyOne dataset.")],
+    media_dir: Annotated[Optional[str], typer.Option(help="Where the pairs' images are extracted.")] = None,
+    sample: Annotated[Optional[int], typer.Option(help="Review a seeded random subset of N pairs.")] = None,
+    embeddings_model: Annotated[Optional[str], typer.Option(help="CLIP id or folder: mark near-duplicates.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start afresh (drops reviewers' tags) instead of syncing.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key, e.g. thresholds.small_subject=0.4.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config; flags override its keys.")] = None,
+) -> None:
+    """Create or sync a grouped review dataset (input/target slices) that mirrors the shards."""
+    from subjectpairs.curation.review import ReviewConfig, build_review
+
+    settings = load_config(ReviewConfig, config, {"shards": shards, "name": name, "media_dir": media_dir,
+                                                  "sample": sample, "embeddings_model": embeddings_model,
+                                                  **parse_settings(set_)})
+    try:
+        report = build_review(settings, overwrite=overwrite)
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"review dataset {report.name!r}: {report.pairs} pairs ({report.added} added, {report.updated} "
+                  f"kept, {report.removed} removed); saved views: {', '.join(report.views)}")
+    console.print(f"open it with: subjectpairs review app --name {report.name}")
+    if report.failed_shards:
+        errors.print(f"[bold red]{len(report.failed_shards)} shard(s) could not be read:[/] "
+                     + ", ".join(report.failed_shards), highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+
+
+@review_app.command("app")
+def review_app_command(
+    name: Annotated[str, typer.Option(help="Review dataset name.")],
+    port: Annotated[int, typer.Option(help="Port of the App.")] = 5151,
+    address: Annotated[str, typer.Option(help="Address to serve on (localhost by default).")] = "127.0.0.1",
+) -> None:
+    """Serve the FiftyOne App on the review dataset until interrupted."""
+    from subjectpairs.curation.review import launch_app
+
+    try:
+        session = launch_app(name, port=port, address=address)
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"FiftyOne App on http://{address}:{port} (Ctrl-C to stop)")
+    session.wait(-1)
+
+
+@review_app.command("rejects")
+def review_rejects_command(
+    name: Annotated[str, typer.Option(help="Review dataset name.")],
+    out: Annotated[str, typer.Option(help="File to write the rejected keys to, one per line.")],
+    tag: Annotated[str, typer.Option(help="The reviewers' reject tag (on either slice).")] = "reject",
+) -> None:
+    """Write the keys of the pairs tagged as rejected, for `shards compact`, `build --exclude`, `train --exclude`."""
+    from subjectpairs.curation.review import write_rejects
+
+    try:
+        count = write_rejects(name, out, tag)
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"{count} rejected keys -> {out}")
 
 
 @app.command("demo")

@@ -2,10 +2,18 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# FiftyOne keeps its MongoDB files and datasets under these folders; tests get their own, set before
+# anything imports fiftyone (it reads them once, at import).
+_FIFTYONE_HOME = Path(tempfile.mkdtemp(prefix="subjectpairs-fiftyone-"))
+os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(_FIFTYONE_HOME / "db"))
+os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", str(_FIFTYONE_HOME / "datasets"))
 
 from subjectpairs.curation.classes import ClassList, read_class_list
 from subjectpairs.curation.synthetic import EVAL_COLUMNS, TRAIN_COLUMNS
@@ -115,3 +123,13 @@ def tiny_blip2(tmp_path_factory) -> Path:
     from tiny_models import save_tiny_blip2
 
     return save_tiny_blip2(tmp_path_factory.mktemp("blip2") / "tiny-blip2")
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """The demo's shards (real photos and generated scenes, GrabCut, local Ray), built once per session."""
+    from subjectpairs.pipelines.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out, scenes=6, show_progress=False, train=False)
+    return out / "shards"

@@ -32,7 +32,10 @@ from subjectpairs.pipelines.sample_photos import SUBJECT_PHOTOS, TEXTURES, photo
 from subjectpairs.pipelines.shards import read_shard
 
 if TYPE_CHECKING:
+    from subjectpairs.curation.review import ReviewReport
     from subjectpairs.training.trainer import TrainReport
+
+DEMO_REVIEW = "subjectpairs-demo"
 
 BBOX_FILE = "train-annotations-bbox.csv"
 CLASSES_FILE = "class-descriptions-boxable.csv"
@@ -50,6 +53,7 @@ class DemoReport:
     contact_sheet: Path
     train: "TrainReport | None" = None
     generated: Path | None = None
+    review: "ReviewReport | None" = None
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:
@@ -200,7 +204,7 @@ def train_demo(out: Path, shards: list[str], seed: int, steps: int, show_progres
 
 
 def run_demo(out: Path, scenes: int = 21, seed: int = 0, show_progress: bool = True, train: bool = True,
-             train_steps: int = 12) -> DemoReport:
+             train_steps: int = 12, review: bool = True) -> DemoReport:
     out = Path(out)
     filter_config, images, pool = write_demo_data(out, scenes, seed)
     filtered = run_filter(filter_config)
@@ -215,4 +219,10 @@ def run_demo(out: Path, scenes: int = 21, seed: int = 0, show_progress: bool = T
     report = DemoReport(filter=filtered, build=built, contact_sheet=sheet)
     if train:
         report.train, report.generated = train_demo(out, shards, seed, train_steps, show_progress)
+    if review:
+        from subjectpairs.curation.review import ReviewConfig, build_review
+
+        report.review = build_review(ReviewConfig(shards=str(out / "shards"), name=DEMO_REVIEW,
+                                                  media_dir=str(out / "review-media")),
+                                     overwrite=True, progress=show_progress)
     return report

@@ -477,12 +477,13 @@ def demo_command(
     seed: Annotated[int, typer.Option(help="Seed of the generated data and the backgrounds.")] = 0,
     train: Annotated[bool, typer.Option(help="Train the tiny model a few steps on the shards, export, generate.")] = True,
     train_steps: Annotated[int, typer.Option(help="Training steps of the demo run.")] = 12,
+    review: Annotated[bool, typer.Option(help="Build the FiftyOne review dataset of the demo pairs.")] = True,
 ) -> None:
     """Run the pipeline offline: photos in OpenImages format -> filter -> shards (GrabCut, local Ray)
     -> a short Ray Train run of the tiny model -> export -> one generated image."""
     from subjectpairs.pipelines.demo import run_demo
 
-    report = run_demo(out, scenes=scenes, seed=seed, train=train, train_steps=train_steps)
+    report = run_demo(out, scenes=scenes, seed=seed, train=train, train_steps=train_steps, review=review)
     console.print(funnel_table(report.filter.funnel))
     build_summary(report.build)
     console.print(f"shards in {report.build.out_dir}; contact sheet: {report.contact_sheet}")
@@ -490,6 +491,10 @@ def demo_command(
         last = report.train.last or {}
         console.print(f"trained the tiny model to step {last.get('step')} (loss {last.get('loss', float('nan')):.4f}) "
                       f"-> {report.train.out}; exported to {out / 'model'}; generated {report.generated}")
+    if report.review is not None:
+        console.print(f"review dataset {report.review.name!r} ({report.review.pairs} pairs, saved views: "
+                      f"{', '.join(report.review.views)}); open it with:\n"
+                      f"  subjectpairs review app --name {report.review.name}    # then http://127.0.0.1:5151")
 
 
 @app.command("version")

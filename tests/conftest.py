@@ -131,5 +131,5 @@ def demo_shards(tmp_path_factory) -> Path:
     from subjectpairs.pipelines.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    run_demo(out, scenes=6, show_progress=False, train=False)
+    run_demo(out, scenes=6, show_progress=False, train=False, review=False)
     return out / "shards"

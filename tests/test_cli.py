@@ -15,7 +15,7 @@ from conftest import box_row, write_boxes
 from subjectpairs.cli import app
 
 runner = CliRunner()
-COMMANDS = ["filter", "pair", "build", "train", "export", "generate", "latents", "demo", "version"]
+COMMANDS = ["filter", "pair", "build", "train", "export", "generate", "latents", "review", "demo", "version"]
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
@@ -82,6 +82,7 @@ def test_demo(tmp_path):
     assert steps == [1, 2, 3]
     assert (tmp_path / "demo" / "model" / "model_index.json").is_file()
     assert Image.open(tmp_path / "demo" / "generated.png").size == (64, 64)
+    assert "subjectpairs review app --name subjectpairs-demo" in result.output
 
 
 def test_build_flags_and_settings_are_validated_before_anything_runs(tmp_path):

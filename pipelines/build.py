@@ -11,7 +11,6 @@ samples, and never duplicates one.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from collections import Counter
@@ -20,8 +19,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from subjectpairs import __version__, storage
@@ -34,16 +31,11 @@ from subjectpairs.pipelines.pairs import PIPELINE_VERSION, Pair, PairBuilder, Pa
 from subjectpairs.pipelines.progress import BuildCounter, BuildProgress
 from subjectpairs.pipelines.rejections import PairRejected, Rejection
 from subjectpairs.pipelines.shards import (
-    SHARD_PREFIX, Candidate, ChunkPlan, ChunkWriter, ShardFile, file_sha256, load_candidates, plan_chunks,
+    CONFIG_FILE, MANIFEST_FILE, REJECTS_FILE, SHARD_PREFIX, STATS_FILE, Candidate, ChunkPlan, ChunkWriter,
+    ShardFile, excluded_rejection, file_sha256, load_candidates, plan_chunks, read_exclude, rejects_parquet,
 )
 
 PROGRESS_DIR = ".progress"
-MANIFEST_FILE = "manifest.json"
-REJECTS_FILE = "rejects.parquet"
-STATS_FILE = "stats.json"
-CONFIG_FILE = "config.yaml"
-REJECT_SCHEMA = pa.schema([("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
-                           ("detail", pa.string())])
 # Threads fetching one batch's photos at once, so slow servers overlap instead of idling the core.
 FETCH_THREADS = 8
 
@@ -389,6 +381,21 @@ def recorded_chunks(config: BuildConfig, plans: list[ChunkPlan]) -> dict[int, Ch
     return done
 
 
+def exclude_candidates(config: BuildConfig, plans: list[ChunkPlan]) -> tuple[list[ChunkPlan], list[Rejection]]:
+    """The plans less the candidates ``config.exclude`` lists, and a review/excluded rejection for each.
+
+    Chunks keep their numbers and the other candidates their chunk, so a key lands in the shard it
+    would have had without the exclude file (the shards ``shards compact`` would leave)."""
+    excluded = read_exclude(config.exclude)
+    if not excluded:
+        return plans, []
+    assert config.exclude is not None
+    kept = [ChunkPlan(plan.index, tuple(c for c in plan.candidates if c.key not in excluded)) for plan in plans]
+    rejects = [excluded_rejection(c.key, config.exclude) for plan in plans for c in plan.candidates
+               if c.key in excluded]
+    return kept, rejects
+
+
 def run_candidate_filter(config: BuildConfig) -> str:
     """The filter as the build's first stage; returns its candidates.parquet."""
     from subjectpairs.curation.candidates import CANDIDATES_FILE, run_filter
@@ -419,10 +426,11 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
     candidates_uri = config.candidates or run_candidate_filter(config)
     candidates = load_candidates(candidates_uri, config.images, config.limit)
     plans = plan_chunks(candidates, config.shards.samples)
+    to_build, excluded = exclude_candidates(config, plans)
     prepare_output(config, overwrite)
-    records = recorded_chunks(config, plans)
+    records = recorded_chunks(config, to_build)
     resumed = len(records)
-    todo = [plan for plan in plans if plan.index not in records]
+    todo = [plan for plan in to_build if plan.index not in records]
 
     if todo:
         owns_ray = _start_ray(config.address)
@@ -433,7 +441,9 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
             task = ray.remote(build_chunk).options(num_cpus=1, max_retries=3)
             limit = config.max_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
             config_json = config.model_dump_json()
-            done_before = sum(r.pairs for r in records.values()), sum(len(r.rejects) for r in records.values())
+            # excluded candidates count as done (rejected) from the start
+            done_before = (sum(r.pairs for r in records.values()),
+                           sum(len(r.rejects) for r in records.values()) + len(excluded))
             with BuildProgress(len(candidates), done_before, enabled=show_progress) as progress:
                 queue = list(todo)
                 running: dict[Any, ChunkPlan] = {}
@@ -455,14 +465,16 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
             if owns_ray:
                 ray.shutdown()
 
-    return _finish(config, plans, records, resumed, time.perf_counter() - started)
+    return _finish(config, plans, records, resumed, time.perf_counter() - started, excluded)
 
 
 def _finish(config: BuildConfig, plans: list[ChunkPlan], records: dict[int, ChunkRecord], resumed: int,
-            wall_seconds: float) -> BuildReport:
+            wall_seconds: float, excluded: list[Rejection] | None = None) -> BuildReport:
+    """Manifest, rejects and stats of the whole build; ``plans`` hold every candidate (excluded ones too),
+    ``excluded`` the rejections of the candidates the exclude file kept out of the chunks."""
     ordered = [records[plan.index] for plan in plans]
     shards = [asdict(shard) for record in ordered for shard in record.shards]
-    rejects = sorted((r for record in ordered for r in record.rejects), key=lambda r: r.key)
+    rejects = sorted([*(r for record in ordered for r in record.rejects), *(excluded or [])], key=lambda r: r.key)
     pairs = sum(record.pairs for record in ordered)
     manifest = {
         "version": __version__,
@@ -485,12 +497,10 @@ def _finish(config: BuildConfig, plans: list[ChunkPlan], records: dict[int, Chun
         "chunks": len(plans),
         "chunks_resumed": resumed,
     }
-    reject_table = pd.DataFrame([asdict(r) for r in rejects], columns=REJECT_SCHEMA.names)
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(reject_table, schema=REJECT_SCHEMA, preserve_index=False), buffer)
+    reject_table, reject_bytes = rejects_parquet(rejects)
     with storage.StagedOutputs(config.out) as staged:
         staged.put(MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
-        staged.put(REJECTS_FILE, buffer.getvalue())
+        staged.put(REJECTS_FILE, reject_bytes)
         staged.put(STATS_FILE, (json.dumps(stats, indent=2) + "\n").encode())
         staged.commit()
     return BuildReport(config.out, manifest, stats, reject_table)

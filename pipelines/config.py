@@ -109,6 +109,10 @@ class BuildConfig(_Settings):
     captions: str | None = Field(None, description="captions.jsonl (image_id, label, captions)")
     captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
     limit: int | None = Field(None, ge=1, description="build only the first N candidates (by key)")
+    exclude: str | None = Field(
+        None, description="file of sample keys not to build (reviewers' rejects), one per line; each becomes a "
+                          "reject with stage review, reason excluded",
+    )
     batch_size: int = Field(16, ge=1, description="samples a task decodes, segments and mattes together")
     pair: PairConfig = Field(default_factory=PairConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
@@ -151,4 +155,6 @@ class BuildConfig(_Settings):
     def config_hash(self) -> str:
         """SHA-256 of the settings that decide the shards' bytes (not where or how fast they are made)."""
         settings = self.model_dump(mode="json", exclude=set(self.RUNTIME_KEYS))
+        if settings.get("exclude") is None:
+            del settings["exclude"]  # builds without an exclude file keep the hash they had before it existed
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -16,15 +16,28 @@ import tempfile
 from dataclasses import dataclass
 
 import fsspec
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
 from subjectpairs import storage
 from subjectpairs.errors import InputError
 from subjectpairs.pipelines.boxes import Box
+from subjectpairs.pipelines.rejections import Rejection
 
 SHARD_PREFIX = "pairs-"
 TAR_MTIME = 0  # 1970-01-01: members carry no build time
+# The files a build writes beside its shards (docs/FORMAT.md)
+MANIFEST_FILE = "manifest.json"
+REJECTS_FILE = "rejects.parquet"
+STATS_FILE = "stats.json"
+CONFIG_FILE = "config.yaml"
+REJECT_SCHEMA = pa.schema([("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+                           ("detail", pa.string())])
+# A pair a reviewer rejected (listed in an exclude file): not built, or removed by `shards compact`
+REVIEW_STAGE = "review"
+EXCLUDED_REASON = "excluded"
 
 
 def sample_key(image_id: str, label_mid: str) -> str:
@@ -54,6 +67,40 @@ class ChunkPlan:
 
 def shard_name(chunk: int, part: int) -> str:
     return f"{SHARD_PREFIX}{chunk:06d}.tar" if part == 0 else f"{SHARD_PREFIX}{chunk:06d}-{part}.tar"
+
+
+def shard_tar_writer(path: str) -> wds.TarWriter:
+    """A tar writer with the shards' fixed member headers: mtime 0, owner and group 0 with empty names,
+    mode 0444, USTAR; each sample's members are written sorted by name."""
+    return wds.TarWriter(
+        path, user="", group="", mode=0o444, encoder=False, mtime=TAR_MTIME, format=tarfile.USTAR_FORMAT
+    )
+
+
+def read_exclude(uri: str | None) -> frozenset[str]:
+    """Sample keys to leave out, one per line; blank lines and ``#`` comments are ignored."""
+    if uri is None:
+        return frozenset()
+    try:
+        lines = storage.read_bytes(uri).decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{uri}: not a text file of sample keys ({exc})") from exc
+    return frozenset(key for line in lines if (key := line.split("#", 1)[0].strip()))
+
+
+def excluded_rejection(key: str, exclude: str) -> Rejection:
+    """The reject row of a pair left out because ``exclude`` lists it."""
+    return Rejection(key=key, stage=REVIEW_STAGE, reason=EXCLUDED_REASON, detail=f"listed in {exclude}")
+
+
+def rejects_parquet(rejects: list[Rejection]) -> tuple[pd.DataFrame, bytes]:
+    """``rejects.parquet``: one row per rejection, sorted by key; the table and the file's bytes."""
+    rows = [{"key": r.key, "stage": r.stage, "reason": r.reason, "detail": r.detail}
+            for r in sorted(rejects, key=lambda r: r.key)]
+    table = pd.DataFrame(rows, columns=REJECT_SCHEMA.names)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(table, schema=REJECT_SCHEMA, preserve_index=False), buffer)
+    return table, buffer.getvalue()
 
 
 def load_candidates(uri: str, images: str | None, limit: int | None = None) -> list[Candidate]:
@@ -130,9 +177,7 @@ class ChunkWriter:
         if self._tar is not None:
             self._tar.close()
         path = os.path.join(self._scratch.name, shard_name(self.chunk, len(self._parts)))
-        self._tar = wds.TarWriter(
-            path, user="", group="", mode=0o444, encoder=False, mtime=TAR_MTIME, format=tarfile.USTAR_FORMAT
-        )
+        self._tar = shard_tar_writer(path)
         self._parts.append((path, [], 0))
 
     def write(self, key: str, members: dict[str, bytes]) -> None:

@@ -157,6 +157,51 @@ def test_runtime_settings_do_not_change_the_config_hash(demo_inputs, tmp_path):
     assert config_for(tmp_path / "a", demo_inputs, pair__seed=1).config_hash() != base.config_hash()
 
 
+def test_excluded_candidates_are_not_built_and_become_review_rejects(first_build, demo_inputs, tmp_path):
+    import hashlib
+
+    from subjectpairs.pipelines.compact import compact_shards
+
+    out, report = first_build
+    keys = [s["__key__"].decode() for name in shard_bytes(out) for s in read_shard(str(out / name))]
+    excluded = {keys[0], keys[-1]}
+    exclude = tmp_path / "REJECTS.txt"
+    exclude.write_text("# reviewers' rejects\n" + "\n".join(sorted(excluded)) + "\nffffffffffffffff_0zz\n")
+    config = config_for(tmp_path / "excluded", demo_inputs, exclude=str(exclude))
+    plain = config_for(tmp_path / "excluded", demo_inputs)
+    assert config.config_hash() != plain.config_hash()
+    # without an exclude file the hash is the one builds had before the setting existed
+    settings = plain.model_dump(mode="json", exclude={*BuildConfig.RUNTIME_KEYS, "exclude"})
+    assert plain.config_hash() == hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    built = run_build(config, show_progress=False)
+    manifest = built.manifest
+    assert manifest["candidates"] == report.manifest["candidates"] == manifest["pairs"] + manifest["rejects"]
+    assert manifest["pairs"] == report.manifest["pairs"] - len(excluded)
+    shards = {name: read_shard(str(tmp_path / "excluded" / name)) for name in shard_bytes(tmp_path / "excluded")}
+    assert not {s["__key__"].decode() for samples in shards.values() for s in samples} & excluded
+    rejects = pd.read_parquet(tmp_path / "excluded" / "rejects.parquet")
+    review = rejects[rejects["reason"] == "excluded"]
+    assert set(review["key"]) == excluded and set(review["stage"]) == {"review"}
+    assert all(str(exclude) in detail for detail in review["detail"])
+    assert built.stats["rejects"]["excluded"] == len(excluded)
+
+    # the other pairs keep their shards: the build and `shards compact` of the full build agree on every
+    # shard and member, but for the config hash (the exclude file is part of the configuration)
+    compacted = compact_shards(str(out), str(exclude), str(tmp_path / "compacted")).manifest
+    assert [{k: v for k, v in s.items() if k not in ("bytes", "sha256")} for s in manifest["shards"]] == [
+        {k: v for k, v in s.items() if k not in ("bytes", "sha256")} for s in compacted["shards"]
+    ]
+    for name, samples in shards.items():
+        for ours, theirs in zip(samples, read_shard(str(tmp_path / "compacted" / name)), strict=True):
+            ours_meta, theirs_meta = json.loads(ours.pop("json")), json.loads(theirs.pop("json"))
+            assert ours == theirs
+            assert ours_meta.pop("config_hash") == config.config_hash() != theirs_meta.pop("config_hash")
+            assert ours_meta == theirs_meta
+    expected = pd.read_parquet(tmp_path / "compacted" / "rejects.parquet")
+    pd.testing.assert_frame_equal(rejects, expected)
+
+
 def test_byte_cap_splits_a_chunk_into_parts(ray_local, demo_inputs, tmp_path):
     out = tmp_path / "capped"
     report = run_build(config_for(out, demo_inputs, shards__samples=50, shards__max_bytes=300_000),

@@ -42,6 +42,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from subjectpairs import storage
+# the exclude-file parser the build and `shards compact` share; re-exported for the trainer
+from subjectpairs.pipelines.shards import read_exclude  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +138,6 @@ def _shard_info(uri: str, entry: dict[str, Any] | None) -> ShardInfo:
     if entry is None:
         return ShardInfo(uri, None, None, None)
     return ShardInfo(uri, int(entry["samples"]), entry.get("first_key"), entry.get("last_key"))
-
-
-def read_exclude(uri: str | None) -> frozenset[str]:
-    """Sample keys to leave out, one per line; blank lines and ``#`` comments are ignored."""
-    if uri is None:
-        return frozenset()
-    lines = storage.read_bytes(uri).decode("utf-8").splitlines()
-    return frozenset(key for line in lines if (key := line.split("#", 1)[0].strip()))
 
 
 def stable_seed(*parts: object) -> int:

@@ -49,17 +49,34 @@ def _expand(entry: str) -> list[str]:
 
 @dataclass(frozen=True)
 class BackgroundPool:
-    """Background images by path or URI, in a fixed order. Empty means generated backgrounds."""
+    """Background images by path or URI, in a fixed order. Empty means generated backgrounds.
+    ``pool_id`` names the pool in every pair's json: the id of a ``subjectpairs backgrounds`` pool, or
+    for any other entries a hash of their URIs."""
 
     uris: tuple[str, ...]
+    pool_id: str | None = None
 
     @classmethod
     def from_entries(cls, entries: list[str]) -> "BackgroundPool":
-        """Entries are images, folders of images (searched recursively) or text files of paths/URIs."""
+        """Entries are pool folders (``backgrounds.parquet`` of ``subjectpairs backgrounds``), images,
+        folders of images (searched recursively) or text files of paths/URIs."""
+        from subjectpairs.curation.backgrounds import is_pool, read_pool
+
         uris: set[str] = set()
+        pool_ids = []
         for entry in entries:
-            uris.update(_expand(entry))
-        return cls(tuple(sorted(uris)))
+            if is_pool(entry):
+                pool_id, pool_uris = read_pool(entry)
+                pool_ids.append(pool_id)
+                uris.update(pool_uris)
+            else:
+                uris.update(_expand(entry))
+        ordered = tuple(sorted(uris))
+        if not ordered:
+            return cls(ordered)
+        if len(entries) == 1 and pool_ids:
+            return cls(ordered, pool_ids[0])
+        return cls(ordered, hashlib.sha256("\n".join(ordered).encode()).hexdigest()[:16])
 
     def choose(self, seed: int, key: str) -> str:
         """The background of sample ``key``: a hash of (seed, key), so no shared state between workers."""

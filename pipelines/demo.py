@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from subjectpairs.curation.backgrounds import BackgroundConfig, build_pool
 from subjectpairs.curation.candidates import FilterReport, run_filter
 from subjectpairs.curation.classes import bundled_class_list
 from subjectpairs.curation.config import FilterConfig
@@ -113,7 +114,7 @@ def write_demo_data(folder: Path, scenes: int, seed: int) -> tuple[FilterConfig,
     """Photos, annotations (official format and names) and a background pool under ``folder``."""
     classes = bundled_class_list()
     mid = dict(zip(classes.names, classes.mids))
-    images, pool = folder / "openimages" / "images", folder / "backgrounds"
+    images, pool = folder / "openimages" / "images", folder / "background-photos"
     for path in (images, pool):
         path.mkdir(parents=True, exist_ok=True)
     with resources.as_file(resources.files("subjectpairs.data").joinpath(CLASSES_FILE)) as source:
@@ -149,11 +150,15 @@ def write_demo_data(folder: Path, scenes: int, seed: int) -> tuple[FilterConfig,
     for number in range(3):  # smooth colour fields
         corners = rng.uniform(0, 255, size=(2, 2, 3)).astype(np.float32)
         Image.fromarray(cv2.resize(corners, (768, 576)).astype(np.uint8)).save(pool / f"field-{number}.jpg")
+    (pool / "field-0-copy.jpg").write_bytes((pool / "field-0.jpg").read_bytes())  # removed as a duplicate
+    Image.fromarray(photo("grass")[:200, :300]).save(pool / "too-small.jpg")  # below the 512 minimum
     filter_config = FilterConfig(
         out=str(folder / "candidates"), bbox=str(folder / "openimages" / BBOX_FILE),
         classes=str(folder / "openimages" / CLASSES_FILE),
     )
-    return filter_config, images, pool
+    # The pool is made as users make theirs: `subjectpairs backgrounds --from-folder`.
+    built = build_pool(BackgroundConfig(folder=str(pool), out=str(folder / "backgrounds"), seed=seed))
+    return filter_config, images, Path(built.out)
 
 
 def contact_sheet(shard_uris: list[str], path: Path, limit: int = 12, height: int = 128) -> Path:

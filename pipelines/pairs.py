@@ -26,7 +26,7 @@ from subjectpairs.pipelines.rejections import PairRejected, Rejection
 from subjectpairs.pipelines.segmenters import Segmenter, build_segmenter, prompt_for
 from subjectpairs.pipelines.trimap import make_trimap, read_trimap
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: background_pool in the pair json
 # What a training shard holds per pair; the pair command also writes foreground.png and meta.json.
 MEMBERS = ("input.jpg", "target.jpg", "alpha.png", "trimap.png")
 
@@ -66,6 +66,7 @@ class Pair:
     trimap: np.ndarray
     foreground: np.ndarray
     background: str
+    background_pool: str | None
     metrics: dict[str, Any]
     segmenter: dict[str, Any]
     solve: dict[str, Any]
@@ -94,6 +95,7 @@ class Pair:
             "box": self.box.as_list(),
             "size": [width, height],
             "background": self.background,
+            "background_pool": self.background_pool,
             "seed": self.seed,
             "segmenter": self.segmenter,
             "solve": self.solve,
@@ -146,6 +148,7 @@ def finish(
     return Pair(
         key=request.key, category=request.category, box=box, target=target, composite=composite,
         alpha=result.alpha, trimap=trimap, foreground=result.foreground, background=background_id,
+        background_pool=backgrounds.pool_id,
         metrics=metrics, segmenter=segmenter_info if prepared.trimap is None else {"name": "given-trimap"},
         solve={"scale": round(result.solve_scale, 4), "box": list(result.solve_box)},
         seed=config.seed, source=request.source, seconds=seconds,

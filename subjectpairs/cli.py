@@ -470,6 +470,42 @@ def review_rejects_command(
     console.print(f"{count} rejected keys -> {out}")
 
 
+@app.command("backgrounds")
+def backgrounds_command(
+    out: Annotated[Optional[str], typer.Option(help="Pool folder or URI: backgrounds.parquet, funnel.json.")] = None,
+    from_openimages: Annotated[bool, typer.Option(help="Pick scene-like photos from OpenImages boxes.")] = False,
+    bbox: Annotated[Optional[str], typer.Option(help="With --from-openimages: the box CSV.")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="With --from-openimages: the class list CSV.")] = None,
+    images: Annotated[Optional[str], typer.Option(help="OpenImages image list CSV (ImageID -> OriginalURL).")] = None,
+    image_root: Annotated[Optional[str], typer.Option(help="Or a folder/URI prefix of <ImageID>.jpg.")] = None,
+    from_folder: Annotated[Optional[str], typer.Option(help="Or your own images: a folder or URI prefix.")] = None,
+    count: Annotated[Optional[int], typer.Option(help="Backgrounds to select (the paper: 59000).")] = None,
+    min_side: Annotated[Optional[int], typer.Option(help="Folder mode: shortest side allowed.")] = None,
+    exclude_candidates: Annotated[Optional[str], typer.Option(help="candidates.parquet: never a subject photo.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the selection order.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key, e.g. max_boxes=4.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config; flags override its keys.")] = None,
+) -> None:
+    """Make a background pool (`build --backgrounds POOL`): scene-like OpenImages photos or your own."""
+    from subjectpairs.curation.backgrounds import BackgroundConfig, build_pool
+
+    if from_openimages and not bbox:
+        raise _fail("--from-openimages needs --bbox and --classes")
+    settings = load_config(BackgroundConfig, config, {
+        "out": out, "bbox": bbox, "classes": classes, "images": images, "image_root": image_root,
+        "folder": from_folder, "count": count, "min_side": min_side, "exclude_candidates": exclude_candidates,
+        "seed": seed, **parse_settings(set_),
+    })
+    try:
+        report = build_pool(settings)
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
+    funnel = report.funnel
+    dropped = ", ".join(f"{k} {v:,}" for k, v in funnel["dropped"].items()) or "none"
+    console.print(f"{funnel['selected']:,} backgrounds of {funnel['images']:,} images (dropped: {dropped}) -> "
+                  f"{report.out} (pool {funnel['pool_id']})")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the generated data and every output.")] = Path("demo"),

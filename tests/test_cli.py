@@ -15,7 +15,7 @@ from conftest import box_row, write_boxes
 from subjectpairs.cli import app
 
 runner = CliRunner()
-COMMANDS = ["filter", "pair", "build", "train", "export", "generate", "latents", "review", "demo", "version"]
+COMMANDS = ["filter", "pair", "build", "train", "export", "generate", "latents", "review", "backgrounds", "demo", "version"]
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -136,7 +137,9 @@ def select_openimages(config: BackgroundConfig) -> tuple[pd.DataFrame, dict]:
     rules = []
     if config.exclude_candidates:
         candidates = pd.read_parquet(storage.open_input_stream(config.exclude_candidates), columns=["image_id"])
-        rules.append(("subject_candidate", np.isin(images, candidates["image_id"].unique())))
+        # pyarrow's hash lookup: numpy's isin on object arrays of strings is quadratic in practice
+        is_candidate = pc.is_in(boxes.image_ids, value_set=pa.array(candidates["image_id"].unique(), pa.string()))
+        rules.append(("subject_candidate", is_candidate.fill_null(False).to_numpy(zero_copy_only=False)))
     rules += [("human", has_human), ("too_many_boxes", n_boxes > config.max_boxes),
               ("large_object", object_area > config.max_object_area)]
     for rule, drop in rules:

@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python benchmarks/filter_bench.py
 	$(BIN)/python benchmarks/pair_bench.py
 	$(BIN)/python benchmarks/build_bench.py --progress
+	$(BIN)/python benchmarks/backgrounds_bench.py
 	$(BIN)/python benchmarks/loader_bench.py
 	# full size on a GPU; on a CPU a tiny-model smoke check (the GPU figures are in the README)
 	$(BIN)/python benchmarks/train_bench.py --variants eager,channels_last

@@ -1,0 +1,271 @@
+"""``subjectpairs shards compact``: a build's shards less the pairs that reviewers rejected.
+
+Every shard the source's ``manifest.json`` lists is streamed (one sample in memory at a time) and checked
+against the manifest's SHA-256 and sample count as it is read. Its kept samples go, in their order and with
+their member bytes, into a shard of the same name written by the build's own tar writer, so the headers
+are the build's and the same inputs always give the same bytes; a shard left with no samples is dropped.
+The new manifest keeps the source's fields with new counts and shard entries; ``rejects.parquet`` gains
+one ``review``/``excluded`` row per removed pair; ``stats.json`` and ``config.yaml`` are copied as they are.
+
+A shard is published as soon as it is written and checked; the manifest comes last, and an output
+folder's earlier manifest is removed first, so a compaction that fails part way never looks whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+from subjectpairs import storage
+from subjectpairs.errors import InputError
+from subjectpairs.pipelines.rejections import Rejection
+from subjectpairs.pipelines.shards import (
+    CONFIG_FILE, MANIFEST_FILE, REJECT_SCHEMA, REJECTS_FILE, SHARD_PREFIX, STATS_FILE, ShardFile,
+    excluded_rejection, file_sha256, publish_file, read_exclude, rejects_parquet, shard_tar_writer,
+)
+
+COUNT_KEYS = ("candidates", "pairs", "rejects")
+COPIED_FILES = (STATS_FILE, CONFIG_FILE)  # copied byte for byte when the source has them
+
+
+@dataclass
+class CompactReport:
+    out_dir: str
+    manifest: dict[str, Any]
+    removed: list[str]  # pairs taken out, sorted
+    not_found: list[str]  # listed keys that are neither a pair nor a reject of the source, sorted
+    already_rejected: list[str]  # listed keys the source had already rejected, sorted
+    dropped_shards: list[str] = field(default_factory=list)  # shards left empty, not written
+
+
+class _HashingReader:
+    """A read-only stream that hashes what passes through it and keeps its last bytes (more than tarfile
+    reads ahead), so the end of a tar can be checked after tarfile is done with it."""
+
+    TAIL = 1 << 20
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.digest = hashlib.sha256()
+        self.bytes = 0
+        self._tail: deque[bytes] = deque()
+        self._tail_bytes = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._stream.read() if size is None or size < 0 else self._stream.read(size)
+        self.digest.update(data)
+        self.bytes += len(data)
+        self._tail.append(data)
+        self._tail_bytes += len(data)
+        while self._tail_bytes - len(self._tail[0]) >= self.TAIL:
+            self._tail_bytes -= len(self._tail.popleft())
+        return data
+
+    def expect_zeros_from(self, offset: int) -> None:
+        """Read to the end; every byte from ``offset`` on must be zero (a tar's end blocks and padding).
+
+        tarfile takes a damaged header for the end of the archive and stops without a word; what it left
+        unread then holds data, and this says so."""
+        start = self.bytes - self._tail_bytes
+        if offset < start:
+            raise ValueError(f"cannot check the end of the tar from byte {offset}")
+        held = b"".join(self._tail)[offset - start:]
+        if held.strip(b"\0"):
+            raise ValueError(f"data after the end of the archive at byte {offset} (a damaged member header?)")
+        while block := self.read(1 << 20):
+            if block.strip(b"\0"):
+                raise ValueError(f"data after the end of the archive at byte {offset} (a damaged member header?)")
+
+
+def _same_location(a: str, b: str) -> bool:
+    if storage.is_remote(a) or storage.is_remote(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(storage.local_path(a)) == os.path.realpath(storage.local_path(b))
+
+
+def _read_manifest(source: str) -> dict[str, Any]:
+    uri = storage.join(source, MANIFEST_FILE)
+    try:
+        manifest = json.loads(storage.read_bytes(uri))
+        names = [entry["name"] for entry in manifest["shards"]]
+    except InputError as exc:
+        raise InputError(f"{source}: no readable {MANIFEST_FILE} ({exc})") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{uri}: not a shard manifest ({type(exc).__name__}: {exc})") from exc
+    for name in names:
+        if not isinstance(name, str) or not name.endswith(".tar") or "/" in name or name.startswith("."):
+            raise InputError(f"{uri}: {name!r} is not a shard file name")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"{uri}: shards listed more than once: {', '.join(repeated[:5])}")
+    return manifest
+
+
+def _read_rejects(source: str) -> list[Rejection]:
+    uri = storage.join(source, REJECTS_FILE)
+    if not storage.exists(uri):
+        return []
+    try:
+        table = pq.read_table(storage.open_input_stream(uri)).to_pandas()
+    except Exception as exc:  # pyarrow raises many types for a file that is not parquet
+        raise InputError(f"{uri}: cannot read the rejects table ({type(exc).__name__}: {exc})") from exc
+    missing = [name for name in REJECT_SCHEMA.names if name not in table.columns]
+    if missing:
+        raise InputError(f"{uri}: not a rejects table, missing columns {', '.join(missing)}")
+    return [Rejection(row.key, row.stage, row.reason, row.detail)
+            for row in table[REJECT_SCHEMA.names].itertuples(index=False)]
+
+
+def _tar_samples(reader: _HashingReader) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of a WebDataset tar, in order: runs of members named ``<key>.<suffix>``."""
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    seen: set[str] = set()
+    with tarfile.open(fileobj=reader, mode="r|") as tar:
+        for member in tar:
+            name_key, dot, suffix = member.name.partition(".")
+            if not member.isfile() or not dot or not suffix or suffix.startswith("_"):
+                raise ValueError(f"member {member.name!r} is not a sample's file (<key>.<suffix>)")
+            if name_key != key:
+                if key is not None:
+                    yield key, members
+                if name_key in seen:
+                    raise ValueError(f"the members of sample {name_key} are not together")
+                seen.add(name_key)
+                key, members = name_key, {}
+            if suffix in members:
+                raise ValueError(f"member {member.name!r} appears twice")
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            members[suffix] = extracted.read()
+        end = tar.offset  # where tarfile found the end of the archive
+    if key is not None:
+        yield key, members
+    reader.expect_zeros_from(end)
+
+
+def _shard_samples(uri: str, entry: dict[str, Any], manifest_uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A listed shard's samples; raises :class:`InputError` naming the shard when it cannot be read whole
+    or does not match its manifest entry (checked once it has been read to the end)."""
+    count = 0
+    try:
+        with storage.open_input_stream(uri) as stream:
+            reader = _HashingReader(stream)
+            for sample in _tar_samples(reader):
+                count += 1
+                yield sample
+    except Exception as exc:  # tarfile, pyarrow and fsspec raise many types for a broken or missing file
+        raise InputError(
+            f"{uri}: cannot read this shard of {manifest_uri} ({type(exc).__name__}: {exc}); "
+            "restore or rebuild it, then compact again"
+        ) from exc
+    expected = entry.get("sha256")
+    if expected is not None and reader.digest.hexdigest() != expected:
+        raise InputError(f"{uri}: its SHA-256 differs from {manifest_uri}: the shard is damaged or changed "
+                         "since the build")
+    if entry.get("samples") is not None and count != entry["samples"]:
+        raise InputError(f"{uri}: holds {count} samples, {manifest_uri} says {entry['samples']}")
+
+
+def _stale_shards(out: str, keep: set[str]) -> list[str]:
+    """Shard files directly in ``out`` that the new manifest does not list (an earlier run's)."""
+    fs, root = fsspec.core.url_to_fs(out) if storage.is_remote(out) else (fsspec.filesystem("file"), out)
+    if not fs.exists(root):
+        return []
+    names = [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)]
+    return sorted(name for name in names
+                  if name.startswith(SHARD_PREFIX) and name.endswith(".tar") and name not in keep)
+
+
+def _remove(uri: str) -> None:
+    if storage.is_remote(uri):
+        fs, path = fsspec.core.url_to_fs(uri)
+        fs.rm(path)
+    else:
+        storage.local_path(uri).unlink(missing_ok=True)
+
+
+def compact_shards(source: str, exclude: str, out: str) -> CompactReport:
+    """Write ``source``'s shards less the pairs ``exclude`` lists to ``out`` (see the module docstring)."""
+    if _same_location(source, out):
+        raise InputError(f"--out {out} is the source folder: compact into another folder")
+    excluded = read_exclude(exclude)
+    manifest_uri = storage.join(source, MANIFEST_FILE)
+    manifest = _read_manifest(source)
+    rejects = _read_rejects(source)
+    if "rejects" in manifest and manifest["rejects"] != len(rejects):
+        raise InputError(f"{storage.join(source, REJECTS_FILE)}: holds {len(rejects)} rejects, "
+                         f"{manifest_uri} says {manifest['rejects']}")
+    rejected = {r.key for r in rejects}
+
+    # an earlier manifest in out would describe shards this run replaces: it goes before any shard does
+    if storage.exists(storage.join(out, MANIFEST_FILE)):
+        _remove(storage.join(out, MANIFEST_FILE))
+    entries: list[dict[str, Any]] = []
+    removed: list[str] = []
+    dropped: list[str] = []
+    where: dict[str, str] = {}  # every pair of the source -> its shard
+    with tempfile.TemporaryDirectory(prefix="subjectpairs-compact-") as scratch:
+        for entry in manifest["shards"]:
+            name = entry["name"]
+            local = os.path.join(scratch, name)
+            writer = None
+            kept: list[str] = []
+            try:
+                for key, members in _shard_samples(storage.join(source, name), entry, manifest_uri):
+                    if key in where:
+                        raise InputError(f"{manifest_uri}: pair {key} is in both {where[key]} and {name}")
+                    where[key] = name
+                    if key in excluded:
+                        removed.append(key)
+                        continue
+                    if writer is None:
+                        writer = shard_tar_writer(local)
+                    writer.write({"__key__": key, **members})
+                    kept.append(key)
+            finally:
+                if writer is not None:
+                    writer.close()
+            if not kept:
+                dropped.append(name)
+                continue
+            shard = ShardFile(name, len(kept), os.path.getsize(local), file_sha256(local), kept[0], kept[-1])
+            publish_file(local, storage.join(out, name))
+            os.remove(local)
+            entries.append(asdict(shard))
+
+    pairs_before = len(where)
+    if "pairs" in manifest and manifest["pairs"] != pairs_before:
+        raise InputError(f"{manifest_uri}: says {manifest['pairs']} pairs, its shards hold {pairs_before}")
+    rejects += [excluded_rejection(key, exclude) for key in removed]
+    _, reject_bytes = rejects_parquet(rejects)
+    pairs = pairs_before - len(removed)
+    compacted = {key: value for key, value in manifest.items() if key not in (*COUNT_KEYS, "shards")}
+    compacted.update(
+        candidates=manifest.get("candidates", pairs + len(rejects)), pairs=pairs, rejects=len(rejects),
+        shards=entries,
+    )
+    for name in _stale_shards(out, {entry["name"] for entry in entries}):
+        _remove(storage.join(out, name))
+    with storage.StagedOutputs(out) as staged:
+        for name in COPIED_FILES:
+            if storage.exists(storage.join(source, name)):
+                staged.put(name, storage.read_bytes(storage.join(source, name)))
+        staged.put(REJECTS_FILE, reject_bytes)
+        staged.put(MANIFEST_FILE, (json.dumps(compacted, indent=2) + "\n").encode())
+    return CompactReport(
+        out_dir=out, manifest=compacted, removed=sorted(removed),
+        not_found=sorted(excluded - where.keys() - rejected),
+        already_rejected=sorted((excluded & rejected) - where.keys()),
+        dropped_shards=dropped,
+    )

@@ -62,6 +62,8 @@ class TrainConfig(BaseModel):
             raise ValueError("--latents needs one latent folder per --shards entry, in the same order")
         if self.init and (self.stable_diffusion or self.qformer):
             raise ValueError("give either init, or stable_diffusion with qformer, not both")
+        if self.record_keys and "://" in self.out and not self.out.startswith("file://"):
+            raise ValueError("record_keys writes local files; use a local --out for it")
         if bool(self.stable_diffusion) != bool(self.qformer):
             raise ValueError("stable_diffusion and qformer go together (a random Q-Former on a random image "
                              "encoder would learn nothing)")

@@ -153,4 +153,6 @@ def test_training_on_cached_latents(ray_local, shards, tmp_path):
     metrics = train(ray_local, shards, tmp_path / "cached", latents=[str(latents)], max_steps=2)
     assert [m["step"] for m in metrics] == [1, 2]
     with pytest.raises(ValueError, match="another VAE"):
-        check_latents([str(latents)], BlipDiffusion.from_config("tiny", seed=1).vae)
+        check_latents([str(latents)], BlipDiffusion.from_config("tiny", seed=1).vae, 64)
+    with pytest.raises(ValueError, match="128 px"):
+        check_latents([str(latents)], BlipDiffusion.from_config("tiny", seed=0).vae, 128)

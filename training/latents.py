@@ -129,14 +129,18 @@ def write_latents(shards: list[str], out: str, source: VaeSource, batch_size: in
     return manifest
 
 
-def check_latents(latents: list[str], vae) -> None:
-    """Refuse latent folders made by another VAE than the run's."""
+def check_latents(latents: list[str], vae, target_size: int) -> None:
+    """Refuse latent folders made by another VAE than the run's, or for another target size."""
     expected = vae_fingerprint(vae)
     for folder in latents:
         uri = storage.join(folder, MANIFEST_FILE)
         if not storage.exists(uri):
             raise InputError(f"{folder}: no {MANIFEST_FILE}; make latents with `subjectpairs latents`")
-        made_by = json.loads(storage.read_bytes(uri)).get("vae", {}).get("sha256")
+        manifest = json.loads(storage.read_bytes(uri))
+        if manifest.get("target_size") != target_size:
+            raise InputError(f"{folder}: latents of {manifest.get('target_size')} px targets, the model trains on "
+                             f"{target_size} px")
+        made_by = manifest.get("vae", {}).get("sha256")
         if made_by != expected:
             raise InputError(f"{folder}: latents made by another VAE than this run's (rerun `subjectpairs latents` "
                              "with the run's --model/--init/--seed)")

@@ -177,7 +177,7 @@ def train_loop(config_dict: dict) -> None:
 
     model = load_run_model(config, scratch)
     if config.latents:
-        check_latents(config.latents, model.vae)
+        check_latents(config.latents, model.vae, model.target_size)
     model = model.to(device)
     if config.compile:  # in place: parameter names (and so checkpoints) stay those of the eager model
         model.unet.compile()

@@ -167,3 +167,8 @@ def publish_folder(local_folder: str | Path, uri: str | Path) -> None:
     import shutil
 
     shutil.copytree(local_folder, local_path(uri), dirs_exist_ok=True)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers may run in another working directory); URIs unchanged."""
+    return uri if is_remote(uri) else str(local_path(uri).expanduser().resolve())

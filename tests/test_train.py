@@ -146,12 +146,17 @@ def test_generate_command_writes_an_image(two_worker_run, tmp_path):
     assert Image.open(tmp_path / "dog.png").size == (64, 64)
 
 
-def test_training_on_cached_latents(ray_local, shards, tmp_path):
-    latents = tmp_path / "latents"
-    manifest = write_latents([str(shards)], str(latents), VaeSource("tiny", None, seed=0), batch_size=4)
+def test_training_on_cached_latents_with_relative_paths(ray_local, shards, tmp_path, monkeypatch):
+    """Relative paths (as `make demo` gives them) must survive Ray Train's per-worker working directories."""
+    monkeypatch.chdir(tmp_path)
+    manifest = write_latents([str(shards)], "latents", VaeSource("tiny", None, seed=0), batch_size=4)
     assert sum(entry["samples"] for entry in manifest["shards"]) == 24
-    metrics = train(ray_local, shards, tmp_path / "cached", latents=[str(latents)], max_steps=2)
+    values = {"shards": [str(shards)], "out": "cached", "model": "tiny", "workers": 2, "loader_workers": 0,
+              "batch_size": 2, "max_steps": 2, "shuffle_buffer": 8, "latents": ["latents"]}
+    run_training(TrainConfig.model_validate(values), progress=False)
+    metrics = [json.loads(line) for line in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
+    latents = tmp_path / "latents"
     with pytest.raises(ValueError, match="another VAE"):
         check_latents([str(latents)], BlipDiffusion.from_config("tiny", seed=1).vae, 64)
     with pytest.raises(ValueError, match="128 px"):

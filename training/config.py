@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from subjectpairs import storage
 
 
 class TrainConfig(BaseModel):
@@ -68,6 +71,24 @@ class TrainConfig(BaseModel):
             raise ValueError("stable_diffusion and qformer go together (a random Q-Former on a random image "
                              "encoder would learn nothing)")
         return self
+
+    def with_absolute_paths(self) -> "TrainConfig":
+        """Local paths made absolute: Ray Train runs each worker in its own working directory, so a
+        relative ``demo/run`` would point somewhere else there. URIs stay as they are, and so do model
+        sources that are not local folders (hub ids)."""
+
+        def path(value: str | None) -> str | None:
+            return None if value is None else storage.absolute(value)
+
+        def source(value: str | None) -> str | None:
+            return path(value) if value is not None and Path(value).expanduser().exists() else value
+
+        return self.model_copy(update={
+            "out": path(self.out), "shards": [path(s) for s in self.shards],
+            "latents": [path(s) for s in self.latents] if self.latents else None, "exclude": path(self.exclude),
+            "init": source(self.init), "stable_diffusion": source(self.stable_diffusion),
+            "qformer": source(self.qformer), "qformer_tokenizer": source(self.qformer_tokenizer),
+        })
 
     def run_hash(self) -> str:
         """SHA-256 of the settings that decide the run's numbers; a resumption must match it."""

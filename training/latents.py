@@ -100,7 +100,8 @@ def write_latents(shards: list[str], out: str, source: VaeSource, batch_size: in
     """Latent shards for every pair shard, one Ray task per shard (on a GPU where the cluster has one)."""
     import ray
 
-    pair_shards = resolve_shards(shards)
+    out = storage.absolute(out)
+    pair_shards = resolve_shards([storage.absolute(spec) for spec in shards])
     if not pair_shards:
         raise InputError(f"no pair shards in {', '.join(shards)}")
     owns_ray = not ray.is_initialized()

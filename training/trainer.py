@@ -380,6 +380,7 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    config = config.with_absolute_paths()
     resumed_from = prepare_run(config)
     _save_base(config)
     owns_ray = not ray.is_initialized()

@@ -529,8 +529,9 @@ def demo_command(
                       f"-> {report.train.out}; exported to {out / 'model'}; generated {report.generated}")
     if report.review is not None:
         console.print(f"review dataset {report.review.name!r} ({report.review.pairs} pairs, saved views: "
-                      f"{', '.join(report.review.views)}); open it with:\n"
-                      f"  subjectpairs review app --name {report.review.name}    # then http://127.0.0.1:5151")
+                      f"{', '.join(report.review.views)}); open it with:")
+        console.print(f"  subjectpairs review app --name {report.review.name}    # then http://127.0.0.1:5151",
+                      soft_wrap=True, highlight=False)
 
 
 @app.command("version")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from subjectpairs.cli import app
+from subjectpairs.errors import InputError
 from subjectpairs.training.config import TrainConfig
 from subjectpairs.training.export import export_run
 from subjectpairs.training.latents import VaeSource, check_latents, write_latents
@@ -103,6 +104,16 @@ def test_a_run_folder_is_not_reused_by_accident(ray_local, shards, two_worker_ru
         run_training(TrainConfig.model_validate(base), progress=False)
     with pytest.raises(RunInUse, match="lr"):
         run_training(TrainConfig.model_validate({**base, "resume": True, "lr": 1.0}), progress=False)
+
+
+def test_a_wrong_model_folder_fails_at_once_with_its_name(tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    base = {"shards": ["pairs"], "out": str(tmp_path / "run")}
+    with pytest.raises(InputError, match="not a model folder"):
+        run_training(TrainConfig.model_validate({**base, "init": str(tmp_path / "not-a-model")}), progress=False)
+    with pytest.raises(InputError, match="no such folder"):
+        run_training(TrainConfig.model_validate({**base, "init": "./missing/model"}), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_overfitting_eight_samples_lowers_the_loss(ray_local, tmp_path):

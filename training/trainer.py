@@ -341,6 +341,28 @@ def prepare_run(config: TrainConfig) -> int:
     return int(state["step"])
 
 
+def check_model_sources(config: TrainConfig) -> None:
+    """Local model folders are checked in the driver, so a wrong path fails at once with its name
+    instead of in every worker (where an unknown local path would be taken for a hub id)."""
+    expected = {"init": ("model_index.json", "qformer/config.json", "unet/config.json"),
+                "stable_diffusion": ("text_encoder/config.json", "unet/config.json", "vae/config.json"),
+                "qformer": ("config.json",)}
+    for field, files in expected.items():
+        source = getattr(config, field)
+        if source is None or storage.is_remote(source):
+            continue
+        folder = Path(source)
+        if folder.is_dir():
+            if field == "qformer" and (folder / "qformer").is_dir():
+                folder = folder / "qformer"
+            missing = [name for name in files if not (folder / name).is_file()]
+            if missing:
+                raise InputError(f"--{field.replace('_', '-')} {source}: not a model folder (missing "
+                                 f"{', '.join(missing)})")
+        elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise InputError(f"--{field.replace('_', '-')} {source}: no such folder (and not a hub id)")
+
+
 def _save_base(config: TrainConfig) -> None:
     """A run from random weights saves them once, so export, resumption and every rank share them."""
     if config.init or _starts_from_parts(config) or storage.exists(storage.join(config.out, BASE_DIR, "model_index.json")):
@@ -380,6 +402,7 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    check_model_sources(config)
     config = config.with_absolute_paths()
     resumed_from = prepare_run(config)
     _save_base(config)

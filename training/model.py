@@ -46,7 +46,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NUM_QUERY_TOKENS = 16
 DROP_SUBJECT_PROB = 0.15
 SUBJECT_TEXT_TOKENS = 16
-COMPONENTS = ("qformer", "text_encoder", "unet", "vae", "scheduler", "tokenizer", "image_processor")
 ModelKind = Literal["tiny", "blip-diffusion"]
 
 

@@ -151,12 +151,6 @@ class MetricsLog:
         self.sync()
 
 
-@dataclass
-class StepTimer:
-    data_seconds: float = 0.0
-    started: float = 0.0
-
-
 def train_loop(config_dict: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train

@@ -42,6 +42,7 @@ from subjectpairs import storage
 from subjectpairs.configfile import config_yaml
 from subjectpairs.curation.config import HUMAN_CLASSES
 from subjectpairs.errors import InputError
+from subjectpairs.seeds import stable_seed
 
 POOL_FILE = "backgrounds.parquet"
 FUNNEL_FILE = "funnel.json"
@@ -91,8 +92,7 @@ class PoolReport:
 
 def _rank(seed: int, values) -> np.ndarray:
     """A seeded, platform-independent order key per value."""
-    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}\x1f{v}".encode(), digest_size=8).digest(), "little")
-                     for v in values], dtype=np.uint64)
+    return np.array([stable_seed(seed, value) for value in values], dtype=np.uint64)
 
 
 def _box_areas(boxes) -> np.ndarray:

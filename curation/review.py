@@ -11,7 +11,6 @@ and reviewers' tags survive (``overwrite`` starts afresh instead).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from subjectpairs.errors import InputError
+from subjectpairs.seeds import stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 def _sampled(keys: list[str], count: int | None, seed: int) -> set[str]:
     if count is None or count >= len(keys):
         return set(keys)
-    ranked = sorted(keys, key=lambda key: hashlib.sha256(f"{seed}\x1f{key}".encode()).digest())
+    ranked = sorted(keys, key=lambda key: stable_seed(seed, key))
     return set(ranked[:count])
 
 

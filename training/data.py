@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import heapq
 import io
 import itertools
@@ -42,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from subjectpairs import storage
+from subjectpairs.seeds import stable_seed
 # the exclude-file parser the build and `shards compact` share; re-exported for the trainer
 from subjectpairs.pipelines.shards import read_exclude  # noqa: F401
 
@@ -138,12 +138,6 @@ def _shard_info(uri: str, entry: dict[str, Any] | None) -> ShardInfo:
     if entry is None:
         return ShardInfo(uri, None, None, None)
     return ShardInfo(uri, int(entry["samples"]), entry.get("first_key"), entry.get("last_key"))
-
-
-def stable_seed(*parts: object) -> int:
-    """A 64-bit seed from values, the same in every process and run (unlike ``hash``)."""
-    text = "\x1f".join(str(part) for part in parts)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def _expected_samples(shards: list[ShardInfo], exclude: frozenset[str] = frozenset()) -> list[float]:

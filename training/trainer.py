@@ -159,7 +159,9 @@ def train_loop(config_dict: dict) -> None:
     import torch.distributed as dist
     from safetensors.torch import load_file, save_file
 
-    from .data import BatchReader, StreamPosition, read_exclude, resolve_shards, stable_seed
+    from subjectpairs.seeds import stable_seed
+
+    from .data import BatchReader, StreamPosition, read_exclude, resolve_shards
     from .latents import check_latents
 
     config = TrainConfig.model_validate(config_dict)

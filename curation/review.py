@@ -170,13 +170,11 @@ def build_review(config: ReviewConfig, overwrite: bool = False, progress: bool =
     gone = [group for key, (group, shard) in existing.items() if key not in wanted and shard not in unreadable]
     if gone:
         dataset.delete_groups(gone)
-    kept = [key for key in sorted(wanted) if key in existing]
+    kept = {key: pair_fields(records[key][0], records[key][1]) for key in sorted(wanted) if key in existing}
     for slice_name in SLICES if kept else ():
         view = dataset.select_group_slices(slice_name)
         for field_name in ("shard", "category", "caption", "box_area", *METRICS):
-            values = {key: pair_fields(records[key][0], records[key][1])[field_name] for key in kept}
-            if values:
-                view.set_values(field_name, values, key_field="key")
+            view.set_values(field_name, {key: fields[field_name] for key, fields in kept.items()}, key_field="key")
     new = [key for key in sorted(wanted) if key not in existing]
     dataset.add_samples([s for key in new for s in _group_samples(fo, records[key][0], records[key][1],
                                                                   records[key][2])], progress=False)
@@ -231,14 +229,14 @@ def image_embeddings(paths: list[str], model_source: str, batch_size: int = 32):
     from PIL import Image
     from transformers import CLIPVisionModelWithProjection
 
+    from subjectpairs.training.data import CLIP_MEAN, CLIP_STD
+
     model = CLIPVisionModelWithProjection.from_pretrained(model_source).eval()
     size = model.config.image_size
-    mean = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
-    std = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
     out = []
     for start in range(0, len(paths), batch_size):
         pixels = [((np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255
-                    - mean) / std).transpose(2, 0, 1) for p in paths[start:start + batch_size]]
+                    - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1) for p in paths[start:start + batch_size]]
         with torch.no_grad():
             embeds = model(pixel_values=torch.from_numpy(np.stack(pixels))).image_embeds
         out.append(torch.nn.functional.normalize(embeds, dim=-1).numpy())

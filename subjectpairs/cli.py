@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -28,6 +30,15 @@ errors = Console(stderr=True)
 def _fail(message: str) -> typer.Exit:
     errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
+
+
+@contextmanager
+def input_errors() -> Iterator[None]:
+    """Bad input (InputError) ends the command with its one-line message and exit code 2."""
+    try:
+        yield
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
 
 
 def load_config(model: type[BaseModel], config_file: Path | None, overrides: dict[str, Any]) -> BaseModel:
@@ -101,10 +112,8 @@ def filter_command(
         "on_bad_rows": on_bad_rows, "rules.duplicates": duplicates, "rules.min_area": min_area,
         "rules.max_area": max_area, "rules.max_aspect": max_aspect,
     })
-    try:
+    with input_errors():
         report = run_filter(settings)
-    except InputError as exc:
-        raise _fail(str(exc)) from exc
     console.print(funnel_table(report.funnel))
     console.print(f"{report.funnel['kept']:,} candidates in {report.funnel['seconds']:.1f} s -> {report.out_dir}")
 
@@ -243,10 +252,8 @@ def build_command(
         "shards.samples": samples_per_shard, "filter.bbox": bbox, "filter.classes": classes,
         **parse_settings(set_),
     })
-    try:
+    with input_errors():
         report = run_build(settings, overwrite=overwrite)
-    except InputError as exc:
-        raise _fail(str(exc)) from exc
     build_summary(report)
 
 
@@ -263,10 +270,8 @@ def shards_compact_command(
     """Rewrite shards without the pairs an exclude file lists; they become rejects (review, excluded)."""
     from subjectpairs.pipelines.compact import compact_shards
 
-    try:
+    with input_errors():
         report = compact_shards(source, exclude, out)
-    except InputError as exc:
-        raise _fail(str(exc)) from exc
     manifest = report.manifest
     dropped = f", {len(report.dropped_shards)} left empty and dropped" if report.dropped_shards else ""
     console.print(
@@ -318,10 +323,8 @@ def train_command(
         "resume": resume or None, "exclude": exclude, "latents": _comma_list(latents), "address": address,
         **parse_settings(set_),
     })
-    try:
+    with input_errors():
         report = run_training(settings)
-    except InputError as exc:
-        raise _fail(str(exc)) from exc
     last = report.last or {}
     console.print(f"trained to step {last.get('step', report.resumed_from)} (from {report.resumed_from}) -> {report.out}; "
                   f"last loss {last.get('loss', float('nan')):.4f}, {last.get('samples_per_s', 0):.1f} samples/s")
@@ -336,10 +339,8 @@ def export_command(
     """Export a run's checkpoint as a diffusers BLIP-Diffusion folder (for --init and generate)."""
     from subjectpairs.training.export import export_run
 
-    try:
+    with input_errors():
         checkpoint = export_run(run, out, step)
-    except InputError as exc:
-        raise _fail(str(exc)) from exc
     console.print(f"exported {checkpoint} -> {out}")
 
 
@@ -394,10 +395,8 @@ def latents_command(
 
     if model not in ("tiny", "blip-diffusion"):
         raise _fail(f"--model {model}: expected tiny or blip-diffusion")
-    try:
+    with input_errors():
         manifest = write_latents(_comma_list(shards), out, VaeSource(model, init, seed), batch_size, address)
-    except InputError as exc:
-        raise _fail(str(exc)) from exc
     total = sum(entry["samples"] for entry in manifest["shards"])
     console.print(f"{total:,} latents in {len(manifest['shards'])} shards -> {out}")
 
@@ -424,10 +423,8 @@ def review_build_command(
     settings = load_config(ReviewConfig, config, {"shards": shards, "name": name, "media_dir": media_dir,
                                                   "sample": sample, "embeddings_model": embeddings_model,
                                                   **parse_settings(set_)})
-    try:
+    with input_errors():
         report = build_review(settings, overwrite=overwrite)
-    except InputError as exc:
-        raise _fail(str(exc)) from exc
     console.print(f"review dataset {report.name!r}: {report.pairs} pairs ({report.added} added, {report.updated} "
                   f"kept, {report.removed} removed); saved views: {', '.join(report.views)}")
     console.print(f"open it with: subjectpairs review app --name {report.name}")
@@ -446,10 +443,8 @@ def review_app_command(
     """Serve the FiftyOne App on the review dataset until interrupted."""
     from subjectpairs.curation.review import launch_app
 
-    try:
+    with input_errors():
         session = launch_app(name, port=port, address=address)
-    except InputError as exc:
-        raise _fail(str(exc)) from exc
     console.print(f"FiftyOne App on http://{address}:{port} (Ctrl-C to stop)")
     session.wait(-1)
 
@@ -463,10 +458,8 @@ def review_rejects_command(
     """Write the keys of the pairs tagged as rejected, for `shards compact`, `build --exclude`, `train --exclude`."""
     from subjectpairs.curation.review import write_rejects
 
-    try:
+    with input_errors():
         count = write_rejects(name, out, tag)
-    except InputError as exc:
-        raise _fail(str(exc)) from exc
     console.print(f"{count} rejected keys -> {out}")
 
 
@@ -496,10 +489,8 @@ def backgrounds_command(
         "folder": from_folder, "count": count, "min_side": min_side, "exclude_candidates": exclude_candidates,
         "seed": seed, **parse_settings(set_),
     })
-    try:
+    with input_errors():
         report = build_pool(settings)
-    except InputError as exc:
-        raise _fail(str(exc)) from exc
     funnel = report.funnel
     dropped = ", ".join(f"{k} {v:,}" for k, v in funnel["dropped"].items()) or "none"
     console.print(f"{funnel['selected']:,} backgrounds of {funnel['images']:,} images (dropped: {dropped}) -> "

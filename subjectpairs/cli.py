@@ -398,7 +398,11 @@ def latents_command(
     with input_errors():
         manifest = write_latents(_comma_list(shards), out, VaeSource(model, init, seed), batch_size, address)
     total = sum(entry["samples"] for entry in manifest["shards"])
+    skipped = [item for entry in manifest["shards"] for item in entry["skipped"]]
     console.print(f"{total:,} latents in {len(manifest['shards'])} shards -> {out}")
+    if skipped:
+        errors.print(f"{len(skipped)} targets did not decode and have no latent (listed under `skipped` in "
+                     f"manifest.json), e.g. {skipped[0]['key']}: {skipped[0]['reason']}", highlight=False, soft_wrap=True)
 
 
 review_app = typer.Typer(help="Audit pairs in FiftyOne; rejected keys flow back to shards and training.",

@@ -172,3 +172,24 @@ def test_training_on_cached_latents_with_relative_paths(ray_local, shards, tmp_p
         check_latents([str(latents)], BlipDiffusion.from_config("tiny", seed=1).vae, 64)
     with pytest.raises(ValueError, match="128 px"):
         check_latents([str(latents)], BlipDiffusion.from_config("tiny", seed=0).vae, 128)
+
+
+def test_a_target_that_does_not_decode_is_listed_not_lost(tmp_path):
+    import webdataset as wds
+
+    from subjectpairs.pipelines.shards import read_shard
+    from subjectpairs.training.data import resolve_shards
+    from subjectpairs.training.latents import encode_shard
+
+    dataset = write_pair_shards(tmp_path / "pairs", counts=[5])
+    (shard,) = resolve_shards([str(dataset.folder)])
+    samples = read_shard(shard.uri)
+    broken_key = dataset.all_keys[2]
+    with wds.TarWriter(shard.uri, encoder=False) as writer:
+        for sample in samples:
+            key = json.loads(sample["json"])["key"]
+            writer.write({**{k: v for k, v in sample.items() if k != "__key__"}, "__key__": key,
+                          **({"target.jpg": b"not a jpeg"} if key == broken_key else {})})
+    entry = encode_shard(shard, str(tmp_path / "latents"), BlipDiffusion.from_config("tiny").vae, 64, batch_size=2)
+    assert entry["samples"] == 4
+    assert [item["key"] for item in entry["skipped"]] == [broken_key] and entry["skipped"][0]["reason"]

@@ -66,6 +66,7 @@ def encode_shard(shard: ShardInfo, out: str, vae, target_size: int, batch_size: 
     device = next(vae.parameters()).device
     name = Path(shard.uri.rstrip("/")).name
     keys: list[str] = []
+    skipped: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch) / name
         with wds.TarWriter(str(local)) as writer:
@@ -84,7 +85,8 @@ def encode_shard(shard: ShardInfo, out: str, vae, target_size: int, batch_size: 
             for sample in iter_shard(shard.uri, frozenset({TARGET_MEMBER})):
                 try:
                     batch.append((sample["__key__"], target_pixels(sample[TARGET_MEMBER], target_size)))
-                except Exception:  # a target that does not decode has no latent; training skips the pair
+                except Exception as exc:  # no latent for it: training skips the pair and counts it
+                    skipped.append({"key": sample["__key__"], "reason": f"{type(exc).__name__}: {exc}"})
                     continue
                 if len(batch) == batch_size:
                     flush()
@@ -92,7 +94,7 @@ def encode_shard(shard: ShardInfo, out: str, vae, target_size: int, batch_size: 
                 flush()
         publish_file(str(local), storage.join(out, name))
     return {"name": name, "samples": len(keys), "first_key": keys[0] if keys else None,
-            "last_key": keys[-1] if keys else None}
+            "last_key": keys[-1] if keys else None, "skipped": skipped}
 
 
 def write_latents(shards: list[str], out: str, source: VaeSource, batch_size: int = 32,

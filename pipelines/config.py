@@ -74,8 +74,17 @@ class PairConfig(_Settings):
 class FetchConfig(_Settings):
     connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to an image server")
     read_timeout: float = Field(30.0, gt=0, description="seconds without data before a read gives up")
-    retries: int = Field(3, ge=0, le=10, description="retries after a timeout, a connection error or a 5xx")
+    retries: int = Field(
+        3, ge=0, le=10, description="retries after a timeout, a connection error, a 5xx, a 429 or a short body"
+    )
     backoff: float = Field(1.0, ge=0, description="first retry delay in seconds, doubled each retry")
+    deadline: float = Field(
+        120.0, gt=0, description="seconds one try may take in all (connect and every read): ends a drip-fed body"
+    )
+    max_bytes: int = Field(
+        50_000_000, ge=65_536, description="HTTP photos larger than this are refused (a 4K JPEG is a few MB)"
+    )
+    max_redirects: int = Field(10, ge=0, le=30, description="redirects followed before a URL is refused")
     anonymous: bool | Literal["auto"] = Field(
         "auto", description="read s3:// without credentials; auto: only when no AWS credentials are configured"
     )

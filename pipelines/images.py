@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from subjectpairs.pipelines.rejections import PairRejected
+from subjectpairs.pipelines.rejections import PairRejected, describe_error
 
 # Photos from the web can be very large; refuse decompression bombs as a rejection, not a crash.
 Image.MAX_IMAGE_PIXELS = 200_000_000
@@ -76,7 +76,8 @@ def decode_image(
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
     except Exception as exc:  # PIL raises many types for truncated or foreign files
-        raise PairRejected("decode", "decode_error", f"{type(exc).__name__}: {exc}") from exc
+        # PIL names the BytesIO it read in some messages; describe_error keeps its address out
+        raise PairRejected("decode", "decode_error", describe_error(exc)) from exc
     if min(rgb.shape[:2]) < min_side:
         raise PairRejected(
             "decode", "too_small", f"{rgb.shape[1]}x{rgb.shape[0]} is below the minimum side of {min_side}"

@@ -30,7 +30,7 @@ from pymatting import estimate_alpha_cf, estimate_foreground_ml  # noqa: E402
 from subjectpairs.pipelines.boxes import mask_box  # noqa: E402
 from subjectpairs.pipelines.config import MattingConfig  # noqa: E402
 from subjectpairs.pipelines.images import to_uint8, to_unit_float  # noqa: E402
-from subjectpairs.pipelines.rejections import PairRejected  # noqa: E402
+from subjectpairs.pipelines.rejections import PairRejected, describe_error  # noqa: E402
 from subjectpairs.pipelines.trimap import BACKGROUND, FOREGROUND, UNKNOWN  # noqa: E402
 
 NO_REGION = (0, 0, 0, 0)
@@ -140,7 +140,7 @@ def estimate_alpha(
         else:
             crop_alpha = _solve(crop_image, crop_trimap / 255.0, config.epsilon)
     except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
-        raise PairRejected("matting", "solver_error", f"{type(exc).__name__}: {exc}") from exc
+        raise PairRejected("matting", "solver_error", describe_error(exc)) from exc
     if not np.isfinite(crop_alpha).all():
         raise PairRejected("matting", "solver_error", "the closed-form solve returned non-finite alpha")
     alpha[y0:y1, x0:x1][unknown] = crop_alpha[unknown]

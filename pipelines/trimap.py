@@ -10,7 +10,7 @@ from PIL import Image
 
 from subjectpairs.pipelines.boxes import Box
 from subjectpairs.pipelines.config import TrimapConfig
-from subjectpairs.pipelines.rejections import PairRejected
+from subjectpairs.pipelines.rejections import PairRejected, describe_error
 
 BACKGROUND, UNKNOWN, FOREGROUND = 0, 128, 255
 
@@ -79,7 +79,7 @@ def read_trimap(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     try:
         gray = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
     except Exception as exc:
-        raise PairRejected("trimap", "decode_error", f"{type(exc).__name__}: {exc}") from exc
+        raise PairRejected("trimap", "decode_error", describe_error(exc)) from exc
     if gray.shape != shape:
         gray = cv2.resize(gray, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     trimap = np.full(shape, UNKNOWN, np.uint8)

@@ -12,6 +12,7 @@ from skimage import data
 
 from subjectpairs.pipelines.images import decode_image, encode_jpeg, encode_png
 from subjectpairs.pipelines.rejections import PairRejected
+from subjectpairs.pipelines.trimap import read_trimap
 
 
 def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -80,6 +81,18 @@ def test_corrupt_and_truncated_files_are_decode_rejections():
     with pytest.raises(PairRejected) as raised:
         decode_image(jpeg[: len(jpeg) // 2], 512)
     assert raised.value.reason == "decode_error"
+
+
+def test_rejection_details_are_the_same_on_every_run():
+    # PIL names the BytesIO it read, address and all: rejects.parquet would differ between equal builds
+    def detail(function, *args) -> str:
+        with pytest.raises(PairRejected) as raised:
+            function(*args)
+        return raised.value.detail
+
+    for function, args in ((decode_image, (b"not an image", 512)), (read_trimap, (b"not a trimap", (8, 8)))):
+        first = detail(function, *args)
+        assert "UnidentifiedImageError" in first and "0x" not in first and detail(function, *args) == first
 
 
 def test_tiny_photos_are_rejected_as_too_small():

@@ -22,7 +22,7 @@ from subjectpairs.pipelines.config import PairConfig
 from subjectpairs.pipelines.images import decode_image, encode_jpeg, encode_png, to_uint8
 from subjectpairs.pipelines.matting import matte
 from subjectpairs.pipelines.quality import pair_metrics
-from subjectpairs.pipelines.rejections import PairRejected, Rejection
+from subjectpairs.pipelines.rejections import PairRejected, Rejection, isolate_failures
 from subjectpairs.pipelines.segmenters import Segmenter, build_segmenter, prompt_for
 from subjectpairs.pipelines.trimap import make_trimap, read_trimap
 
@@ -191,27 +191,36 @@ class PairBuilder:
                     raise PairRejected("prepare", "duplicate_key", f"{request.key} appears twice in the batch")
                 seen.add(request.key)
                 ready.append((len(results) - 1, prepare(request, self.config)))
-            except PairRejected as exc:
-                results[-1] = Rejection.from_error(request.key, exc)
+            except Exception as exc:  # an odd photo (an OpenCV error, ...) is its own rejection
+                results[-1] = Rejection.from_exception(request.key, "prepare", exc)
         maps = self._segment([prepared for _, prepared in ready if prepared.trimap is None])
         for index, prepared in ready:
+            subject_map = maps.get(prepared.request.key)
+            if isinstance(subject_map, Rejection):
+                results[index] = subject_map
+                continue
             try:
                 results[index] = finish(
-                    prepared, maps.get(prepared.request.key), self.config, self.backgrounds,
+                    prepared, subject_map, self.config, self.backgrounds,
                     self.segmenter.describe() if prepared.trimap is None else {},
                 )
-            except PairRejected as exc:
-                results[index] = Rejection.from_error(prepared.request.key, exc)
+            except Exception as exc:
+                results[index] = Rejection.from_exception(prepared.request.key, "finish", exc)
         return results  # type: ignore[return-value]  # every slot is filled above
 
-    def _segment(self, pending: Sequence[Prepared]) -> dict[str, np.ndarray]:
+    def _segment(self, pending: Sequence[Prepared]) -> dict[str, np.ndarray | Rejection]:
+        """Each sample's map, or its rejection should the segmenter fail on that sample alone."""
         if not pending:
             return {}
         segmenter = self.segmenter  # loading a model is set-up, not per-sample time
+
+        def segment(batch: Sequence[Prepared]) -> list[np.ndarray]:
+            return segmenter.segment(
+                [p.target for p in batch], [prompt_for(p.request.category) for p in batch], [p.box for p in batch]
+            )
+
         started = time.perf_counter()
-        maps = segmenter.segment(
-            [p.target for p in pending], [prompt_for(p.request.category) for p in pending], [p.box for p in pending]
-        )
+        maps = isolate_failures(segment, pending, [p.request.key for p in pending], "segment")
         share = (time.perf_counter() - started) / len(pending)
         for prepared in pending:
             prepared.seconds["segment"] = share

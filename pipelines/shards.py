@@ -53,6 +53,8 @@ class Candidate:
     category: str
     box: Box
     photo_uri: str
+    # a photo from the url column is read only over HTTP(S) or from an object store, never from local files
+    photo_from_url: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def load_candidates(uri: str, images: str | None, limit: int | None = None) -> l
     """The filter's candidates, sorted by key, each with the place its photo is read from.
 
     ``images`` (a folder or URI prefix of ``<ImageID>.jpg``) wins; otherwise the table's ``filepath``
-    (a zoo folder), otherwise its ``url`` (HTTP).
+    (a zoo folder), otherwise its ``url`` (HTTP(S) or an object store only).
     """
     try:
         table = pq.read_table(storage.open_input_stream(uri)).to_pandas()
@@ -126,12 +128,14 @@ def load_candidates(uri: str, images: str | None, limit: int | None = None) -> l
         if images is not None:
             photo = storage.join(images, f"{row.image_id}.jpg")
         else:
-            photo = getattr(row, "filepath", None) or getattr(row, "url", None)
+            filepath = getattr(row, "filepath", None)
+            photo = filepath or getattr(row, "url", None)
             if not isinstance(photo, str) or not photo:
                 raise InputError(f"{uri}: {row.image_id} has no filepath or url; give --images")
         candidates.append(Candidate(
             key=sample_key(row.image_id, row.label_mid), image_id=row.image_id, label_mid=row.label_mid,
             category=row.category, box=Box(row.xmin, row.xmax, row.ymin, row.ymax), photo_uri=photo,
+            photo_from_url=images is None and not filepath,
         ))
     candidates.sort(key=lambda c: c.key)
     keys = [c.key for c in candidates]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,18 +27,25 @@ class Box:
         if len(parts) != 4:
             raise ValueError(f"expected XMIN,XMAX,YMIN,YMAX, got {text!r}")
         try:
-            return cls(*(float(part) for part in parts))
+            values = [float(part) for part in parts]
         except ValueError:
             raise ValueError(f"expected four numbers XMIN,XMAX,YMIN,YMAX, got {text!r}") from None
+        if not all(math.isfinite(value) for value in values):  # float() takes "nan" and "inf"
+            raise ValueError(f"expected four finite numbers XMIN,XMAX,YMIN,YMAX, got {text!r}")
+        return cls(*values)
 
     def checked(self) -> "Box":
         """The box clipped to [0, 1]; a box that is outside the image or empty is a ``bad_box`` rejection."""
         values = (self.xmin, self.xmax, self.ymin, self.ymax)
-        if any(v != v for v in values) or min(values) < -_TOLERANCE or max(values) > 1 + _TOLERANCE:
-            raise PairRejected("box", "bad_box", f"{self.as_list()} is not inside [0, 1]")
+        # "0.1,nan,0.2,0.9", not "[0.1, nan, ...]", which a rich console takes for a markup tag and drops
+        box = f"box {','.join(f'{v:g}' for v in values)} (XMIN,XMAX,YMIN,YMAX)"
+        if not all(math.isfinite(v) for v in values):  # a null coordinate in a candidates table reads as NaN
+            raise PairRejected("box", "bad_box", f"{box} has a coordinate that is not a number")
+        if min(values) < -_TOLERANCE or max(values) > 1 + _TOLERANCE:
+            raise PairRejected("box", "bad_box", f"{box} is not inside [0, 1]")
         clipped = Box(*(min(max(v, 0.0), 1.0) for v in values))
         if clipped.xmax <= clipped.xmin or clipped.ymax <= clipped.ymin:
-            raise PairRejected("box", "bad_box", f"{self.as_list()} has no area")
+            raise PairRejected("box", "bad_box", f"{box} has no area")
         return clipped
 
     def padded(self, fraction: float) -> "Box":

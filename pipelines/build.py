@@ -3,7 +3,8 @@
 Ray Core, one task per chunk of sorted keys (see docs/architecture.md for why): a task fetches, decodes,
 segments, mattes and composites its chunk in small batches on one core, writes the pairs into local
 temporary tars and publishes them whole; the driver records each finished chunk under ``.progress/``.
-A rerun skips every recorded chunk whose shards still hash the same and rebuilds the rest; a chunk that
+A rerun skips every recorded chunk whose shards still hash the same and rebuilds the rest (and the chunks
+holding a retryable reject, such as a photo server that was down, whole: see RETRYABLE_REASONS); a chunk that
 was running when a worker (or the driver) died is simply built again, so a crash costs time, never
 samples, and never duplicates one.
 """
@@ -29,7 +30,7 @@ from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, BuildConfig
 from subjectpairs.pipelines.fetch import PhotoFetcher
 from subjectpairs.pipelines.pairs import PIPELINE_VERSION, Pair, PairBuilder, PairRequest
 from subjectpairs.pipelines.progress import BuildCounter, BuildProgress
-from subjectpairs.pipelines.rejections import PairRejected, Rejection
+from subjectpairs.pipelines.rejections import PairRejected, Rejection, isolate_failures
 from subjectpairs.pipelines.shards import (
     CONFIG_FILE, MANIFEST_FILE, REJECTS_FILE, SHARD_PREFIX, STATS_FILE, Candidate, ChunkPlan, ChunkWriter,
     ShardFile, excluded_rejection, file_sha256, load_candidates, plan_chunks, read_exclude, rejects_parquet,
@@ -102,26 +103,33 @@ class ChunkBuilder:
     def captioner(self, captioner: Any) -> None:
         self._captioner = captioner
 
-    def _captions(self, done: list[tuple[Candidate, Pair]]) -> list[tuple[list[str], str]]:
-        """Per pair: the captions file's, else the captioner's (one batch), else the template."""
-        found = [(self.captions.from_file(c.image_id, c.category), "captions.jsonl") for c, _ in done]
-        missing = [i for i, (captions, _) in enumerate(found) if not captions]
+    def _captions(self, done: list[tuple[Candidate, Pair]]) -> list[tuple[list[str], str] | Rejection]:
+        """Per pair: the captions file's, else the captioner's (one batch), else the template; a pair the
+        captioner fails on alone is rejected, the others keep their captions."""
+        from_file = [self.captions.from_file(c.image_id, c.category) for c, _ in done]
+        found: list[tuple[list[str], str] | Rejection] = [(captions, "captions.jsonl") for captions in from_file]
+        missing = [i for i, captions in enumerate(from_file) if not captions]
         if self.captioner is not None and missing:
-            generated = self.captioner.caption(
-                [done[i][1].target for i in missing], [done[i][0].category for i in missing],
-                [done[i][0].key for i in missing],
-            )
+            captioner = self.captioner
+
+            def caption(indices: list[int]) -> list[list[str]]:
+                return captioner.caption(
+                    [done[i][1].target for i in indices], [done[i][0].category for i in indices],
+                    [done[i][0].key for i in indices],
+                )
+
+            generated = isolate_failures(caption, missing, [done[i][0].key for i in missing], "caption")
             for index, captions in zip(missing, generated):
-                found[index] = (captions, self.captioner.name)
+                found[index] = captions if isinstance(captions, Rejection) else (captions, captioner.name)
         return [
-            (captions, source) if captions else (template_caption(candidate.category), "template")
-            for (captions, source), (candidate, _) in zip(found, done)
+            item if isinstance(item, Rejection) or item[0] else (template_caption(candidate.category), "template")
+            for item, (candidate, _) in zip(found, done)
         ]
 
     def _fetch_batch(self, batch: tuple[Candidate, ...]) -> list[PairRequest | Rejection]:
         def fetch(candidate: Candidate) -> PairRequest | Rejection:
             try:
-                photo = self.fetcher.fetch(candidate.photo_uri)
+                photo = self.fetcher.fetch(candidate.photo_uri, local=not candidate.photo_from_url)
             except PairRejected as exc:
                 return Rejection.from_error(candidate.key, exc)
             return PairRequest(candidate.key, candidate.category, photo, candidate.box, source=candidate.photo_uri)
@@ -153,16 +161,21 @@ class ChunkBuilder:
                 started = time.perf_counter()
                 captions = self._captions(done)
                 seconds["caption"] += time.perf_counter() - started
-                for (candidate, pair), (texts, source) in zip(done, captions):
+                for (candidate, pair), captioned in zip(done, captions):
+                    if isinstance(captioned, Rejection):
+                        rejects.append(captioned)
+                        continue
+                    texts, source = captioned
                     encode_started = time.perf_counter()
                     members = pair.members()
                     members["json"] = sample_json(pair, candidate, texts, source, self.config_hash)
                     writer.write(candidate.key, members)
                     seconds.update(pair.seconds)
                     seconds["encode"] += time.perf_counter() - encode_started
-                pairs += len(done)
+                    pairs += 1
                 if report is not None:
-                    report(len(done), len(batch) - len(done))
+                    written = sum(not isinstance(c, Rejection) for c in captions)
+                    report(written, len(batch) - written)
             started = time.perf_counter()
             shards = writer.publish()
             seconds["publish"] += time.perf_counter() - started
@@ -359,9 +372,12 @@ def prepare_output(config: BuildConfig, overwrite: bool) -> None:
     storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, "build"))
 
 
-def recorded_chunks(config: BuildConfig, plans: list[ChunkPlan]) -> dict[int, ChunkRecord]:
-    """Chunks a previous run finished whose shards are still there, whole and unchanged."""
+def recorded_chunks(config: BuildConfig, plans: list[ChunkPlan]) -> tuple[dict[int, ChunkRecord], int]:
+    """Chunks a previous run finished whose shards are still there, whole and unchanged, and the number of
+    candidates to try again: a chunk with a retryable reject (a server that was down, busy or slow) is
+    built again whole, so its shards come out as those of a build that never saw the outage."""
     done = {}
+    retried = 0
     for plan in plans:
         uri = _progress_uri(config.out, plan)
         if not storage.exists(uri):
@@ -377,8 +393,12 @@ def recorded_chunks(config: BuildConfig, plans: list[ChunkPlan]) -> dict[int, Ch
             and file_sha256(storage.join(config.out, shard.name)) == shard.sha256
             for shard in record.shards
         ):
-            done[plan.index] = record
-    return done
+            retryable = sum(reject.retryable for reject in record.rejects)
+            if retryable:
+                retried += retryable
+            else:
+                done[plan.index] = record
+    return done, retried
 
 
 def exclude_candidates(config: BuildConfig, plans: list[ChunkPlan]) -> tuple[list[ChunkPlan], list[Rejection]]:
@@ -428,7 +448,7 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
     plans = plan_chunks(candidates, config.shards.samples)
     to_build, excluded = exclude_candidates(config, plans)
     prepare_output(config, overwrite)
-    records = recorded_chunks(config, to_build)
+    records, retried = recorded_chunks(config, to_build)
     resumed = len(records)
     todo = [plan for plan in to_build if plan.index not in records]
 
@@ -465,13 +485,14 @@ def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bo
             if owns_ray:
                 ray.shutdown()
 
-    return _finish(config, plans, records, resumed, time.perf_counter() - started, excluded)
+    return _finish(config, plans, records, resumed, time.perf_counter() - started, excluded, retried)
 
 
 def _finish(config: BuildConfig, plans: list[ChunkPlan], records: dict[int, ChunkRecord], resumed: int,
-            wall_seconds: float, excluded: list[Rejection] | None = None) -> BuildReport:
+            wall_seconds: float, excluded: list[Rejection] | None = None, retried: int = 0) -> BuildReport:
     """Manifest, rejects and stats of the whole build; ``plans`` hold every candidate (excluded ones too),
-    ``excluded`` the rejections of the candidates the exclude file kept out of the chunks."""
+    ``excluded`` the rejections of the candidates the exclude file kept out of the chunks, ``retried`` the
+    candidates an earlier run rejected for a retryable reason and this one tried again."""
     ordered = [records[plan.index] for plan in plans]
     shards = [asdict(shard) for record in ordered for shard in record.shards]
     rejects = sorted([*(r for record in ordered for r in record.rejects), *(excluded or [])], key=lambda r: r.key)
@@ -496,6 +517,7 @@ def _finish(config: BuildConfig, plans: list[ChunkPlan], records: dict[int, Chun
         "stage_seconds": {name: round(value, 3) for name, value in sorted(seconds.items())},
         "chunks": len(plans),
         "chunks_resumed": resumed,
+        "retried": retried,
     }
     reject_table, reject_bytes = rejects_parquet(rejects)
     with storage.StagedOutputs(config.out) as staged:

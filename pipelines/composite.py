@@ -37,11 +37,17 @@ def _expand(entry: str) -> list[str]:
         return found
     if entry.lower().endswith(LIST_SUFFIXES):
         base = posixpath.dirname(entry) if storage.is_remote(entry) else str(storage.local_path(entry).parent)
-        lines = storage.read_bytes(entry).decode("utf-8").splitlines()
-        return [
+        try:
+            lines = storage.read_bytes(entry).decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{entry}: not a text file of background paths ({exc})") from exc
+        listed = [
             line if storage.is_remote(line) or line.startswith("/") else storage.join(base, line)
             for line in (raw.strip() for raw in lines) if line and not line.startswith("#")
         ]
+        if not listed:  # an empty pool would silently mean generated backgrounds
+            raise InputError(f"{entry}: lists no backgrounds (one path or URI per line)")
+        return listed
     if not storage.exists(entry):
         raise InputError(f"{entry}: background not found")
     return [entry]
@@ -67,6 +73,8 @@ class BackgroundPool:
         for entry in entries:
             if is_pool(entry):
                 pool_id, pool_uris = read_pool(entry)
+                if not pool_uris:
+                    raise InputError(f"{entry}: the background pool has no backgrounds")
                 pool_ids.append(pool_id)
                 uris.update(pool_uris)
             else:

@@ -203,7 +203,8 @@ def build_summary(report) -> None:
         f"{manifest['pairs']:,} pairs and {manifest['rejects']:,} rejects from {manifest['candidates']:,} "
         f"candidates in {len(manifest['shards'])} shards -> {report.out_dir} "
         f"({stats['wall_seconds']:.1f} s, {stats['pairs_per_second'] or 0:.2f} pairs/s; "
-        f"{stats['chunks_resumed']} of {stats['chunks']} chunks resumed)"
+        f"{stats['chunks_resumed']} of {stats['chunks']} chunks resumed, "
+        f"{stats['retried']:,} earlier retryable rejects tried again)"
     )
     if stats["rejects"]:
         console.print(rejects_table(stats["rejects"]))

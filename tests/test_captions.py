@@ -55,3 +55,29 @@ def test_blip2_captioner_loads_a_saved_model_and_is_deterministic(tiny_blip2, mo
 def test_missing_blip2_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="cannot load BLIP-2"):
         Blip2Captioner.from_pretrained(str(tmp_path / "none"))
+
+
+def test_a_captioner_failing_on_one_photo_rejects_only_that_pair(tmp_path):
+    from types import SimpleNamespace
+
+    from subjectpairs.pipelines.boxes import WHOLE_IMAGE
+    from subjectpairs.pipelines.build import ChunkBuilder
+    from subjectpairs.pipelines.config import BuildConfig
+    from subjectpairs.pipelines.rejections import Rejection
+    from subjectpairs.pipelines.shards import Candidate
+
+    class ChokesOnOdd:
+        name = "blip2:stub"
+
+        def caption(self, images, labels, keys):
+            if "odd" in keys:
+                raise ValueError("this photo breaks the model")
+            return [[f"a photo of a {label.lower()}"] for label in labels]
+
+    builder = ChunkBuilder(BuildConfig(out=str(tmp_path / "out"), candidates=str(tmp_path / "c.parquet")))
+    builder.captioner = ChokesOnOdd()
+    done = [(Candidate(key, key, "/m/0", "Cat", WHOLE_IMAGE, f"{key}.jpg"), SimpleNamespace(target=data.chelsea()))
+            for key in ("fine", "odd")]
+    fine, odd = builder._captions(done)
+    assert fine == (["a photo of a cat"], "blip2:stub")
+    assert odd == Rejection("odd", "caption", "unexpected_error", "ValueError: this photo breaks the model")

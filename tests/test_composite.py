@@ -40,6 +40,24 @@ def test_bad_pool_entries_are_clear_errors(tmp_path):
         BackgroundPool.from_entries([str(tmp_path / "empty")])
 
 
+def test_a_list_file_or_pool_without_backgrounds_is_an_error_not_generated_backgrounds(tmp_path):
+    import pandas as pd
+
+    empty_list = tmp_path / "backgrounds.txt"
+    empty_list.write_text("# nothing yet\n\n")
+    with pytest.raises(InputError, match=f"{empty_list}: lists no backgrounds"):
+        BackgroundPool.from_entries([str(empty_list)])
+    binary_list = tmp_path / "photo.txt"
+    binary_list.write_bytes(b"\xff\xd8\xff\xe0")
+    with pytest.raises(InputError, match=f"{binary_list}: not a text file"):
+        BackgroundPool.from_entries([str(binary_list)])
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    pd.DataFrame({"uri": pd.Series([], dtype=str)}).to_parquet(pool / "backgrounds.parquet")
+    with pytest.raises(InputError, match=f"{pool}: the background pool has no backgrounds"):
+        BackgroundPool.from_entries([str(pool)])
+
+
 def test_choice_and_crop_are_fixed_by_seed_and_key(pool_dir):
     pool = BackgroundPool.from_entries([str(pool_dir)])
     first = pool.background_for(7, "000a_m-0bt9lr", (200, 300))

@@ -7,6 +7,7 @@ import json
 
 import cv2
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 from skimage import data
@@ -159,3 +160,65 @@ def test_rejections_and_bad_arguments_are_one_line_errors(tmp_path, photos):
 
 def test_photo_keys_have_no_dots():
     assert photo_key("000a1b2c.d", "Coffee cup") == "000a1b2c-d_Coffee-cup"
+
+
+def test_an_unexpected_error_rejects_only_the_sample_it_comes_from(photos, monkeypatch):
+    import subjectpairs.pipelines.pairs as pairs
+    from subjectpairs.pipelines.config import SegmenterConfig
+    from subjectpairs.pipelines.segmenters import build_segmenter
+
+    class ChokesOnOdd:
+        """A segmenter that fails on any batch holding an "odd" prompt."""
+
+        name = "grabcut"
+
+        def __init__(self) -> None:
+            self.inner = build_segmenter(SegmenterConfig(kind="grabcut"))
+            self.batches: list[list[str]] = []
+
+        def segment(self, images, prompts, boxes):
+            self.batches.append(list(prompts))
+            if "odd" in prompts:
+                raise RuntimeError("the model chokes on this one")
+            return self.inner.segment(images, prompts, boxes)
+
+        def describe(self):
+            return self.inner.describe()
+
+    decode = pairs.decode_image
+
+    def decode_or_fail(data, *args, **kwargs):
+        if data == b"odd photo":
+            raise cv2.error("OpenCV cannot handle this photo")
+        return decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(pairs, "decode_image", decode_or_fail)
+    good = photos["coffee"].read_bytes()
+    box = Box(0.28, 0.7, 0.03, 0.77)
+    segmenter = ChokesOnOdd()
+    builder = PairBuilder(PairConfig(size=128), segmenter=segmenter)
+    fine, odd, broken = builder.build([
+        PairRequest("fine", "Coffee cup", good, box), PairRequest("odd", "Odd", good, box),
+        PairRequest("broken", "Coffee cup", b"odd photo", box),
+    ])
+    assert not isinstance(fine, Rejection) and fine.key == "fine"
+    assert (odd.stage, odd.reason, odd.detail) == ("segment", "unexpected_error",
+                                                    "RuntimeError: the model chokes on this one")
+    assert (broken.stage, broken.reason) == ("prepare", "unexpected_error") and broken.detail.startswith("error:")
+    assert "OpenCV cannot handle this photo" in broken.detail
+    assert segmenter.batches == [["coffee cup", "odd"], ["coffee cup"], ["odd"]]  # retried one by one
+
+
+def test_a_box_that_is_not_numbers_is_a_clear_error(tmp_path, photos):
+    with pytest.raises(ValueError, match="four finite numbers"):
+        Box.parse("nan,0.5,0.1,0.9")
+    result = run_pair(str(photos["coffee"]), "--category", "Cup", "--box", "nan,0.5,0.1,0.9",
+                      "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "four finite numbers XMIN,XMAX,YMIN,YMAX, got 'nan,0.5,0.1,0.9'" in result.output
+    # a candidates table with a null coordinate gives a NaN box: its rejection says so, values and all
+    (rejection,) = PairBuilder(PairConfig(segmenter={"kind": "grabcut"})).build(
+        [PairRequest("k", "Cup", photos["coffee"].read_bytes(), Box(float("nan"), 0.5, 0.1, 0.9))]
+    )
+    assert (rejection.reason, rejection.detail) == (
+        "bad_box", "box nan,0.5,0.1,0.9 (XMIN,XMAX,YMIN,YMAX) has a coordinate that is not a number"
+    )

@@ -284,6 +284,92 @@ def test_photos_over_http_from_the_url_column(ray_local, demo_inputs, tmp_path):
     assert json.loads(sample["json"])["source"].startswith("http://127.0.0.1:")
 
 
+def test_a_faulty_image_server_ends_in_recorded_reasons_and_a_rerun_after_the_outage_equals_a_clean_build(
+        ray_local, demo_inputs, tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    photos = Path(demo_inputs["images"])
+    outage = threading.Event()
+
+    class FaultyServer(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def _reply(self, status: int, body: bytes = b"", **headers: str) -> None:
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path == "/loop.jpg":
+                self._reply(302, Location="/loop.jpg")
+            elif self.path == "/to-file.jpg":
+                self._reply(302, Location="file:///etc/passwd")
+            elif self.path == "/endless.jpg":
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    for _ in range(10_000):  # 640 MB at most: the fetcher hangs up long before
+                        self.wfile.write(bytes(65_536))
+                except OSError:
+                    pass
+                self.close_connection = True
+            elif self.path.startswith("/flaky/") and outage.is_set():
+                self._reply(503)
+            elif (photos / self.path.rsplit("/", 1)[-1]).is_file():
+                self._reply(200, (photos / self.path.rsplit("/", 1)[-1]).read_bytes())
+            else:
+                self._reply(404)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FaultyServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    server = f"http://127.0.0.1:{httpd.server_address[1]}"
+    table = pd.read_parquet(demo_inputs["candidates"]).sort_values("image_id").reset_index(drop=True)
+    # row -> the reason its photo must end in; rows 0 and 1 are down during the outage, 7 and 8 are the
+    # demo's undecodable and missing photos
+    expected = {2: "bad_url", 3: "too_many_redirects", 4: "bad_redirect", 5: "too_large", 7: "decode_error",
+                8: "http_404"}
+    urls = [f"{server}/photos/{image_id}.jpg" for image_id in table.image_id]
+    urls[0], urls[1] = (f"{server}/flaky/{image_id}.jpg" for image_id in table.image_id[:2])
+    urls[2] = str(photos / f"{table.image_id[2]}.jpg")  # a local file named in the url column
+    urls[3], urls[4], urls[5] = f"{server}/loop.jpg", f"{server}/to-file.jpg", f"{server}/endless.jpg"
+    table["url"] = urls
+    table.to_parquet(tmp_path / "faulty.parquet")
+    fetch = {"retries": 1, "backoff": 0.01, "connect_timeout": 2, "read_timeout": 2, "deadline": 5,
+             "max_bytes": 1_000_000, "max_redirects": 3}
+
+    def build(name: str):
+        return run_build(config_for(tmp_path / name, demo_inputs, candidates=str(tmp_path / "faulty.parquet"),
+                                    images=None, fetch=fetch), show_progress=False)
+
+    try:
+        outage.set()
+        started = time.monotonic()
+        during = build("rerun")
+        assert time.monotonic() - started < 120
+        outage.clear()
+        rerun = build("rerun")
+        clean = build("clean")
+    finally:
+        httpd.shutdown()
+    keys = [f"{image_id}_{mid[3:]}" for image_id, mid in zip(table.image_id, table.label_mid)]
+    reasons = dict(zip(during.rejects.key, during.rejects.reason))
+    assert reasons == {keys[0]: "http_5xx", keys[1]: "http_5xx",
+                       **{keys[row]: reason for row, reason in expected.items()}}
+    assert set(during.rejects.stage) == {"fetch", "decode"}
+    assert rerun.stats["retried"] == 2 and rerun.stats["chunks_resumed"] == rerun.stats["chunks"] - 1
+    assert dict(zip(rerun.rejects.key, rerun.rejects.reason)) == {k: r for k, r in reasons.items() if r != "http_5xx"}
+    assert rerun.manifest["pairs"] == 3 and {keys[0], keys[1]} <= {
+        s["__key__"].decode() for name in shard_bytes(tmp_path / "rerun")
+        for s in read_shard(str(tmp_path / "rerun" / name))}
+    assert shard_bytes(tmp_path / "rerun") == shard_bytes(tmp_path / "clean")
+    for name in ("manifest.json", "rejects.parquet"):
+        assert (tmp_path / "rerun" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
 def test_clipseg_actor_serves_the_tasks_with_the_same_result(ray_local, demo_inputs, tiny_clipseg, tmp_path):
     # an untrained tiny model's maps are faint: a thin band keeps some foreground to compare pixels on
     clipseg = {"segmenter": {"kind": "clipseg", "model": str(tiny_clipseg), "device": "cpu"}, "size": 128,

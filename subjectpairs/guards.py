@@ -11,6 +11,7 @@ with another running command.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import posixpath
@@ -18,6 +19,7 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 
 import fsspec
@@ -66,8 +68,10 @@ def refuse_overlap(out: str, inputs: Mapping[str, str | None], out_flag: str = "
 def _pid_alive(pid: int) -> bool:
     try:
         return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
+    except psutil.NoSuchProcess:
         return False
+    except psutil.Error:
+        return True  # another user's process that we may not inspect: it runs
 
 
 class OutputInUse(InputError):
@@ -125,24 +129,40 @@ class OutputLock:
 
     def _acquire_local(self) -> None:
         path = storage.local_path(self.uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if holder is None:
-                    continue
-                if not self._stale(holder):
-                    raise self._refuse(holder)
-                path.unlink(missing_ok=True)  # stale: take it over
-                continue
-            except OSError as exc:
-                raise InputError(f"{self.out}: cannot write into the output folder ({exc.strerror})") from exc
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(self._record())
-            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # the record is written whole under a private name and linked into place: the lock never exists
+            # half written, so a torn one can only be left by a process that died (and is rightly stale)
+            written = path.with_name(f"{LOCK_FILE}.{self.token}")
+            written.write_bytes(self._record())
+        except OSError as exc:
+            raise InputError(f"{self.out}: cannot write into the output folder ({exc.strerror})") from exc
+        try:
+            for _ in range(3):
+                try:
+                    os.link(written, path)
+                    return
+                except FileExistsError:
+                    holder = self._read()
+                    if holder is None:
+                        continue
+                    if not self._stale(holder):
+                        raise self._refuse(holder) from None
+                    self._remove_stale(path, holder)
+        finally:
+            written.unlink(missing_ok=True)
         raise InputError(f"{self.uri}: could not take the output folder's lock")
+
+    def _remove_stale(self, path: Path, holder: dict) -> None:
+        """Remove the stale lock ``holder`` read, unless another process took it over since: two processes
+        that both judged it stale must not both remove it (the second would remove the first one's lock)."""
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)  # released by close, or by the kernel when a process dies
+            if self._read() == holder:
+                path.unlink(missing_ok=True)
+        finally:
+            os.close(folder)
 
     def _acquire_remote(self) -> None:
         fs, path = fsspec.core.url_to_fs(self.uri)

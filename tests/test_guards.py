@@ -107,3 +107,64 @@ def test_mid_and_key_grammars():
     assert not is_sample_key("../x") and not is_sample_key("/abs")
     with pytest.raises(ValueError, match="row 3: sample key '../x' is not valid"):
         check_sample_key("../x", "row 3")
+
+
+def test_a_lock_being_written_is_never_taken_for_a_torn_one(tmp_path, monkeypatch):
+    """A second command that looks while the first one writes its lock must not take the lock over too."""
+    second: list[object] = []
+    record = OutputLock._record
+
+    def record_then_look(self):
+        if self.command == "build":  # the first lock's record: another command starts right now
+            other = OutputLock(str(tmp_path), "compact")
+            try:
+                other.acquire()
+                second.append(other)
+            except OutputInUse as exc:
+                second.append(exc)
+        return record(self)
+
+    monkeypatch.setattr(OutputLock, "_record", record_then_look)
+    first = OutputLock(str(tmp_path), "build")
+    try:
+        first.acquire()
+        holders = [first]
+    except OutputInUse:
+        holders = []
+    holders += [lock for lock in second if isinstance(lock, OutputLock)]
+    assert len(holders) == 1
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == holders[0].token
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_FILE]  # no record left under a private name
+
+
+def test_two_commands_taking_over_one_stale_lock_do_not_both_hold_it(tmp_path, monkeypatch):
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                  "command": "build", "started": "x", "token": "old"}))
+    read = OutputLock._read
+    second: list[OutputLock] = []
+
+    def read_then_race(self):
+        holder = read(self)
+        if self.command == "build" and not second:  # between judging the lock stale and removing it
+            second.append(OutputLock(str(tmp_path), "compact"))
+            second[0].acquire()
+        return holder
+
+    monkeypatch.setattr(OutputLock, "_read", read_then_race)
+    with pytest.raises(OutputInUse, match="subjectpairs compact"):
+        OutputLock(str(tmp_path), "build").acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == second[0].token
+
+
+def test_a_process_we_may_not_inspect_is_alive(monkeypatch):
+    from subjectpairs import guards
+
+    def denied(pid):
+        raise guards.psutil.AccessDenied(pid)
+
+    monkeypatch.setattr(guards.psutil, "Process", denied)
+    assert guards._pid_alive(os.getpid())

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import numbers
 import os
 import tarfile
 import tempfile
@@ -23,6 +25,7 @@ import webdataset as wds
 
 from subjectpairs import storage
 from subjectpairs.errors import InputError
+from subjectpairs.identifiers import check_image_id, check_label_mid, check_sample_key
 from subjectpairs.pipelines.boxes import Box
 from subjectpairs.pipelines.rejections import Rejection
 
@@ -35,14 +38,22 @@ STATS_FILE = "stats.json"
 CONFIG_FILE = "config.yaml"
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
                            ("detail", pa.string())])
+# The candidates table's required columns
+TEXT_COLUMNS = ("image_id", "label_mid", "category")
+BOX_COLUMNS = ("xmin", "xmax", "ymin", "ymax")
 # A pair a reviewer rejected (listed in an exclude file): not built, or removed by `shards compact`
 REVIEW_STAGE = "review"
 EXCLUDED_REASON = "excluded"
 
 
 def sample_key(image_id: str, label_mid: str) -> str:
-    """``<ImageID>_<MID without "/m/">``: no dots (webdataset splits names at the first dot), no slashes."""
-    return f"{image_id}_{label_mid.removeprefix('/m/').replace('/', '-')}"
+    """``<ImageID>_<MID without "/m/">``: no dots (webdataset splits names at the first dot), no slashes.
+
+    A key names tar members and files, so it is made only if it follows the sample-key grammar
+    (:mod:`subjectpairs.identifiers`; ValueError otherwise): an ImageID or MID with a dot or ``..`` never
+    becomes one."""
+    key = f"{image_id}_{label_mid.removeprefix('/m/').replace('/', '-')}"
+    return check_sample_key(key, f"ImageID {image_id!r} with label MID {label_mid!r}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,29 @@ def rejects_parquet(rejects: list[Rejection]) -> tuple[pd.DataFrame, bytes]:
     return table, buffer.getvalue()
 
 
+def _describe(value: object) -> str:
+    return "null" if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)) \
+        else repr(value)
+
+
+def _typed_columns(table: pd.DataFrame, uri: str) -> pd.DataFrame:
+    """The table with float box columns, or InputError naming the column and row of the first value of
+    the wrong type: the text columns hold non-empty strings, the box columns numbers. A null coordinate
+    becomes NaN, that pair's ``bad_box`` rejection, like a box outside the image."""
+    for column in TEXT_COLUMNS:
+        for number, value in enumerate(table[column], start=1):
+            if not isinstance(value, str) or not value:
+                raise InputError(f"{uri}: row {number}: {column} is {_describe(value)}, not text")
+    for column in BOX_COLUMNS:
+        values = table[column]
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            continue
+        for number, value in enumerate(values, start=1):
+            if not pd.isna(value) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise InputError(f"{uri}: row {number}: {column} is {_describe(value)}, not a number")
+    return table.astype(dict.fromkeys(BOX_COLUMNS, "float64"))
+
+
 def load_candidates(uri: str, images: str | None, limit: int | None = None) -> list[Candidate]:
     """The filter's candidates, sorted by key, each with the place its photo is read from.
 
@@ -117,14 +151,20 @@ def load_candidates(uri: str, images: str | None, limit: int | None = None) -> l
         raise
     except Exception as exc:
         raise InputError(f"{uri}: cannot read the candidates table ({exc})") from exc
-    required = {"image_id", "label_mid", "category", "xmin", "xmax", "ymin", "ymax"}
-    missing = sorted(required - set(table.columns))
+    missing = sorted({*TEXT_COLUMNS, *BOX_COLUMNS} - set(table.columns))
     if missing:
         raise InputError(f"{uri}: not a candidates table, missing columns {', '.join(missing)}")
     if images is None and "filepath" not in table.columns and "url" not in table.columns:
         raise InputError(f"{uri}: has neither filepath nor url; give --images (a folder or URI prefix)")
+    table = _typed_columns(table, uri)
     candidates = []
-    for row in table.itertuples(index=False):
+    for number, row in enumerate(table.itertuples(index=False), start=1):
+        try:  # before any name is built from them: <images>/<ImageID>.jpg, <key>.input.jpg
+            check_image_id(row.image_id, f"row {number}")
+            check_label_mid(row.label_mid, f"row {number}")
+            key = sample_key(row.image_id, row.label_mid)
+        except ValueError as exc:
+            raise InputError(f"{uri}: {exc}") from exc
         if images is not None:
             photo = storage.join(images, f"{row.image_id}.jpg")
         else:
@@ -133,7 +173,7 @@ def load_candidates(uri: str, images: str | None, limit: int | None = None) -> l
             if not isinstance(photo, str) or not photo:
                 raise InputError(f"{uri}: {row.image_id} has no filepath or url; give --images")
         candidates.append(Candidate(
-            key=sample_key(row.image_id, row.label_mid), image_id=row.image_id, label_mid=row.label_mid,
+            key=key, image_id=row.image_id, label_mid=row.label_mid,
             category=row.category, box=Box(row.xmin, row.xmax, row.ymin, row.ymax), photo_uri=photo,
             photo_from_url=images is None and not filepath,
         ))
@@ -185,6 +225,9 @@ class ChunkWriter:
         self._parts.append((path, [], 0))
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
+        # keys come from sample_key, already checked; a tar member name is the last place to stop one that
+        # would climb out of a folder or be split at a dot
+        check_sample_key(key, f"chunk {self.chunk}")
         size = sum(len(data) + self._MEMBER_OVERHEAD for data in members.values())
         if self._tar is None or (self._parts[-1][1] and self._parts[-1][2] + size > self.max_bytes):
             self._open_part()

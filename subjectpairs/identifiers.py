@@ -9,8 +9,9 @@ its sample, so every reader checks them before a name is built from one.
   ``A-Z a-z 0-9 _ -``, starting with a letter or digit.
 - Label MID: ``/m/...`` or ``/g/...`` as in OpenImages' class list, or any ``/``-separated segments of
   ``A-Z a-z 0-9 _ -``; at most 128 characters.
-- Sample key: 1-255 characters of ``A-Z a-z 0-9 _ -``, starting with a letter or digit: no dot (webdataset
-  splits member names at the first dot), no slash.
+- Sample key: 1-200 characters of ``A-Z a-z 0-9 _ -``, starting with a letter or digit: no dot (webdataset
+  splits member names at the first dot), no slash. 200, not 255: a key names files such as
+  ``.<key>.target.jpg.partial``, which must stay within the 255 bytes a file name may have.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ OPENIMAGES_IMAGE_ID = re.compile(r"[0-9a-f]{16}")
 IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 LABEL_MID = re.compile(r"/?[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*")
 MAX_LABEL_MID = 128
-SAMPLE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,254}")
+SAMPLE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,199}")
 
 
 def is_image_id(value: object) -> bool:
@@ -51,5 +52,5 @@ def check_label_mid(value: object, where: str) -> str:
 
 def check_sample_key(value: object, where: str) -> str:
     if not is_sample_key(value):
-        raise ValueError(f"{where}: sample key {value!r} is not valid (1-255 of A-Z a-z 0-9 _ -, no dot or slash)")
+        raise ValueError(f"{where}: sample key {value!r} is not valid (1-200 of A-Z a-z 0-9 _ -, no dot or slash)")
     return value  # type: ignore[return-value]

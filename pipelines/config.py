@@ -140,6 +140,14 @@ class BuildConfig(_Settings):
     )
 
     RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("out", "address", "max_tasks", "segment_actors", "caption_actors")
+    # Keys added after builds existed, with the value that matches what those builds did: at that value they
+    # stay out of the hash, so an upgrade does not make every existing output folder "another configuration".
+    LATER_KEYS: ClassVar[dict[tuple[str, ...], Any]] = {
+        ("exclude",): None,
+        ("fetch", "deadline"): 120.0,
+        ("fetch", "max_bytes"): 50_000_000,
+        ("fetch", "max_redirects"): 10,
+    }
 
     @model_validator(mode="after")
     def _one_candidate_source(self) -> "BuildConfig":
@@ -164,6 +172,10 @@ class BuildConfig(_Settings):
     def config_hash(self) -> str:
         """SHA-256 of the settings that decide the shards' bytes (not where or how fast they are made)."""
         settings = self.model_dump(mode="json", exclude=set(self.RUNTIME_KEYS))
-        if settings.get("exclude") is None:
-            del settings["exclude"]  # builds without an exclude file keep the hash they had before it existed
+        for *sections, name in self.LATER_KEYS:
+            section = settings
+            for part in sections:
+                section = section[part]
+            if section[name] == self.LATER_KEYS[(*sections, name)]:
+                del section[name]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

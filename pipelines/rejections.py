@@ -16,6 +16,9 @@ UNEXPECTED_ERROR = "unexpected_error"
 # Failures that may clear by themselves (a server down, overloaded or slow): a rerun builds these samples
 # again. Every other reason is permanent (404, a photo that does not decode, a refused URL) and is kept.
 RETRYABLE_REASONS = frozenset({"timeout", "deadline", "connection_error", "truncated", "http_5xx", "http_429"})
+# Builds made before the HTTP reasons were split recorded 5xx, 429 and other 4xx alike as "http_error": a
+# rerun tries those again too (a 4xx comes back as a permanent http_4xx).
+LEGACY_RETRYABLE_REASONS = frozenset({"http_error"})
 # "<_io.BytesIO object at 0x7f...>": an address differs run to run, so a detail holding one would make
 # rejects.parquet differ between identical builds.
 _OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -57,7 +60,7 @@ class Rejection:
 
     @property
     def retryable(self) -> bool:
-        return self.reason in RETRYABLE_REASONS
+        return self.reason in RETRYABLE_REASONS or self.reason in LEGACY_RETRYABLE_REASONS
 
 
 def isolate_failures(

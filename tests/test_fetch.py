@@ -244,3 +244,12 @@ def test_unexpected_exceptions_become_a_named_rejection(server, fetcher, monkeyp
     monkeypatch.setattr(fetcher.session, "get", odd)
     error = rejected(fetcher, f"{server}/good.jpg")
     assert error.reason == "unexpected_error" and error.detail.endswith("TypeError: an odd failure")
+
+
+def test_retryability_follows_the_reason_including_the_reason_older_builds_recorded():
+    from subjectpairs.pipelines.rejections import Rejection
+
+    assert Rejection("k", "fetch", "http_5xx", "HTTP 503").retryable
+    assert Rejection("k", "fetch", "http_error", "HTTP 503 (after 4 tries)").retryable  # before the split
+    assert not Rejection("k", "fetch", "http_404", "HTTP 404").retryable
+    assert not Rejection("k", "decode", "decode_error", "cannot identify image file").retryable

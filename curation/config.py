@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from subjectpairs.storage import join
+from subjectpairs.storage import absolute, join
 
 # BLIP-Diffusion appendix A.5, rule (v) and rule (vi), as display names of the class file.
 HUMAN_CLASSES = (
@@ -15,6 +15,9 @@ HUMAN_CLASSES = (
     "Human nose", "Human ear", "Clothing", "Suit",
 )
 CLUTTERED_CLASSES = ("Tree", "Plant", "Houseplant", "Desk", "Table", "Poster", "Billboard")
+
+
+FILTER_PATH_KEYS = ("out", "bbox", "classes", "images", "zoo_dir")  # the settings that name files or folders
 
 
 class FilterRules(BaseModel):
@@ -61,6 +64,12 @@ class FilterConfig(BaseModel):
         if self.zoo_dir is not None and self.bbox is not None:
             raise ValueError("give zoo_dir or bbox, not both")
         return self
+
+    def with_absolute_paths(self) -> FilterConfig:
+        """Local paths made absolute, so ``config.yaml`` and the candidates' ``filepath`` name the same files
+        from any working directory; URIs stay as they are."""
+        return self.model_copy(update={key: absolute(getattr(self, key)) for key in FILTER_PATH_KEYS
+                                       if getattr(self, key) is not None})
 
     def split_dir(self) -> str:
         assert self.zoo_dir is not None

@@ -25,6 +25,7 @@ import yaml
 from subjectpairs import __version__, storage
 from subjectpairs.configfile import config_yaml
 from subjectpairs.errors import InputError
+from subjectpairs.guards import OutputLock, contains, output_entries, refuse_overlap
 from subjectpairs.pipelines.captions import Blip2Captioner, Captions, template_caption
 from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, BuildConfig
 from subjectpairs.pipelines.fetch import PhotoFetcher
@@ -328,41 +329,88 @@ class BuildReport:
 
 
 class OutputInUse(InputError):
-    """The output folder holds a build with another configuration."""
+    """The output folder holds a build with another configuration, or files that are not a build's."""
+
+
+OWN_FILES = (MANIFEST_FILE, REJECTS_FILE, STATS_FILE, CONFIG_FILE)  # besides shards and .progress/
 
 
 def _progress_uri(out: str, plan: ChunkPlan) -> str:
     return storage.join(out, PROGRESS_DIR, f"{plan.name}.json")
 
 
-def _existing_config_hash(out: str) -> str | None:
+def _earlier_build(out: str) -> BuildConfig | None:
+    """The configuration of the build in ``out``: None when it holds no config.yaml, OutputInUse when its
+    config.yaml is not a build's (another command's folder)."""
     uri = storage.join(out, CONFIG_FILE)
     if not storage.exists(uri):
         return None
     try:
-        return BuildConfig.model_validate(yaml.safe_load(storage.read_bytes(uri))).config_hash()
-    except Exception:
-        return "unreadable"
+        return BuildConfig.model_validate(yaml.safe_load(storage.read_bytes(uri)))
+    except Exception as exc:  # yaml and pydantic raise many types; any of them means "not a build"
+        raise OutputInUse(f"{out}: its {CONFIG_FILE} is not a build's ({type(exc).__name__}); choose an empty "
+                          "or new --out (--overwrite only replaces a build)") from exc
+
+
+def _is_shard_name(name: object) -> bool:
+    return isinstance(name, str) and name.startswith(SHARD_PREFIX) and name.endswith(".tar") and "/" not in name
+
+
+def _is_build_entry(name: str, config: BuildConfig, started: bool) -> bool:
+    """Whether ``name`` in the output folder is what a build writes there: the filter stage's folder, and
+    once a build has started (written its config.yaml) its files, shards and progress records, also as
+    storage's staged copies (``.NAME.tmp-...``, ``.NAME.partial``) that a killed run leaves."""
+    if name == storage.local_path(config.filter_out()).name or name == PROGRESS_DIR and started:
+        return True
+    staged = name.lstrip(".").split(".tmp-")[0].removesuffix(".partial") if name.startswith(".") else name
+    if not started:
+        return staged == CONFIG_FILE and staged != name  # the first build's config.yaml, being written
+    return staged in OWN_FILES or staged.startswith(SHARD_PREFIX)
+
+
+def _recorded_shards(out: str) -> set[str]:
+    """The shard names an earlier build's manifest.json and .progress/ records list."""
+    names: set[str] = set()
+    try:
+        names.update(entry["name"] for entry in json.loads(storage.read_bytes(storage.join(out, MANIFEST_FILE)))["shards"])
+    except (InputError, ValueError, KeyError, TypeError):
+        pass  # no manifest yet (an interrupted build), or a torn one: the progress records name its shards
+    progress = storage.join(out, PROGRESS_DIR)
+    for uri in storage.list_files(progress, (".json",)) if storage.is_dir(progress) else []:
+        try:
+            names.update(shard.name for shard in ChunkRecord.from_json(storage.read_bytes(uri).decode()).shards)
+        except (InputError, ValueError, KeyError, TypeError):
+            continue  # a torn record: its chunk's shards were never listed, so are not ours to delete
+    return {name for name in names if _is_shard_name(name)}
 
 
 def _clear_output(out: str) -> None:
-    """Remove an earlier build's files (only the files a build writes)."""
+    """Remove an earlier build: the shards its manifest or progress records name, then its own files. Nothing
+    else in the folder is touched (a shard no record names may be someone else's)."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(out) if storage.is_remote(out) else (fsspec.filesystem("file"), out)
-    if not fs.exists(root):
-        return
-    for path in fs.ls(root, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name == PROGRESS_DIR:
-            fs.rm(path, recursive=True)
-        elif name.startswith(SHARD_PREFIX) or name in (MANIFEST_FILE, REJECTS_FILE, STATS_FILE, CONFIG_FILE):
+    for name in sorted(_recorded_shards(out)) + list(OWN_FILES):
+        path = f"{root.rstrip('/')}/{name}"
+        if fs.exists(path):
             fs.rm(path)
+    progress = f"{root.rstrip('/')}/{PROGRESS_DIR}"
+    if fs.exists(progress):
+        fs.rm(progress, recursive=True)
 
 
 def prepare_output(config: BuildConfig, overwrite: bool) -> None:
-    existing = _existing_config_hash(config.out)
-    if existing is not None and existing != config.config_hash():
+    """Check the output folder and write config.yaml: the folder must be new, empty, or a build (resumed when
+    its configuration is this one, replaced with ``overwrite`` when it is another); anything else is
+    refused, with or without ``overwrite``."""
+    previous = _earlier_build(config.out)
+    foreign = [name for name in output_entries(config.out)
+               if not _is_build_entry(name, config, started=previous is not None)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise OutputInUse(f"{config.out} holds files that are not a build's ({shown}); choose an empty or new "
+                          "--out (--overwrite only replaces a build)")
+    if previous is not None and previous.config_hash() != config.config_hash():
         if not overwrite:
             raise OutputInUse(
                 f"{config.out} holds a build with another configuration; rerun with --overwrite to replace it, "
@@ -439,7 +487,34 @@ def _start_ray(address: str | None) -> bool:
     return True
 
 
+def refuse_overwriting_inputs(config: BuildConfig) -> None:
+    """Stop a build whose --out is, lies inside or holds one of its inputs, before anything is written."""
+    from subjectpairs.curation.config import FilterConfig
+
+    # candidates the build's own filter stage wrote earlier: a build with --candidates neither rewrites nor
+    # deletes that folder
+    own_candidates = config.candidates is not None and contains(config.filter_out(), config.candidates)
+    inputs = {"--candidates": None if own_candidates else config.candidates, "--images": config.images,
+              "--captions": config.captions, "--exclude": config.exclude}
+    if config.filter is not None:
+        settings = FilterConfig.model_validate({"out": config.filter_out(), **config.filter})
+        inputs.update({"--bbox": settings.bbox_uri(), "--classes": settings.classes_uri(),
+                       "filter.images": settings.images_uri(), "filter.zoo_dir": settings.zoo_dir})
+    refuse_overlap(config.out, inputs)
+    for entry in config.pair.composite.backgrounds:
+        refuse_overlap(config.out, {"--backgrounds": entry})
+
+
 def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bool = True) -> BuildReport:
+    """The build job (see the module docstring), with every local path made absolute, and its output folder
+    checked against the inputs and locked for the whole run."""
+    config = config.with_absolute_paths()
+    refuse_overwriting_inputs(config)
+    with OutputLock(config.out, "build"):
+        return _build_locked(config, overwrite, show_progress)
+
+
+def _build_locked(config: BuildConfig, overwrite: bool, show_progress: bool) -> BuildReport:
     import ray
 
     started = time.perf_counter()

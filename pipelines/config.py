@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -163,6 +164,30 @@ class BuildConfig(_Settings):
         from subjectpairs.storage import join
 
         return (self.filter or {}).get("out") or join(self.out, "candidates")
+
+    def with_absolute_paths(self) -> "BuildConfig":
+        """Local paths made absolute, so ``config.yaml``, the pairs' ``source`` and ``background`` and Ray
+        workers (which may run in another working directory) all name the same files from anywhere. URIs
+        stay as they are, and so do model sources that are not local folders (hub ids)."""
+        from subjectpairs.curation.config import FILTER_PATH_KEYS
+        from subjectpairs.storage import absolute
+
+        def path(value: str | None) -> str | None:
+            return None if value is None else absolute(value)
+
+        def source(value: str | None) -> str | None:
+            return path(value) if value is not None and Path(value).expanduser().exists() else value
+
+        settings = self.model_dump()
+        settings.update(out=path(self.out), candidates=path(self.candidates), images=path(self.images),
+                        captions=path(self.captions), exclude=path(self.exclude))
+        if self.filter is not None:
+            settings["filter"] = {key: path(value) if key in FILTER_PATH_KEYS and isinstance(value, str) else value
+                                  for key, value in self.filter.items()}
+        settings["pair"]["composite"]["backgrounds"] = [path(entry) for entry in self.pair.composite.backgrounds]
+        settings["pair"]["segmenter"]["model"] = source(self.pair.segmenter.model)
+        settings["captioner"]["model"] = source(self.captioner.model)
+        return BuildConfig.model_validate(settings)
 
     def uses_clipseg(self) -> bool:
         return self.pair.segmenter.kind == "clipseg" or (

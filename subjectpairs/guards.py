@@ -65,6 +65,15 @@ def refuse_overlap(out: str, inputs: Mapping[str, str | None], out_flag: str = "
                              "the input; choose an output folder outside the inputs")
 
 
+def output_entries(out: str) -> list[str]:
+    """The names directly in an output folder, less its lock: what a command would write over or beside."""
+    fs, root = fsspec.core.url_to_fs(out) if storage.is_remote(out) else (fsspec.filesystem("file"), str(out))
+    if not fs.isdir(root):
+        return []
+    names = (path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False))
+    return sorted(name for name in names if not name.startswith(LOCK_FILE))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -1,0 +1,140 @@
+"""Output folders: no command writes over its inputs, deletes what it did not write, or shares a folder
+with another running command; what later commands read names its files absolutely."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from subjectpairs.errors import InputError
+from subjectpairs.guards import LOCK_FILE, OutputLock
+from subjectpairs.pipelines.build import ChunkRecord, prepare_output, run_build
+from subjectpairs.pipelines.config import BuildConfig
+from subjectpairs.pipelines.shards import ShardFile
+
+
+def build_config(out: Path, **settings) -> BuildConfig:
+    return BuildConfig.model_validate({"out": str(out), "candidates": "/data/candidates.parquet", **settings})
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def write_build(out: Path, config: BuildConfig, listed: list[str], recorded: list[str]) -> None:
+    """The files of a build: config.yaml, a manifest listing ``listed``, a progress record of ``recorded``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    (out / "manifest.json").write_text(json.dumps({"shards": [{"name": name} for name in listed]}))
+    for name in ("stats.json", "rejects.parquet"):
+        (out / name).write_text("{}")
+    (out / ".progress").mkdir()
+    record = ChunkRecord(1, "x", [ShardFile(name, 1, 1, "s", "a", "a") for name in recorded], 1, [])
+    (out / ".progress" / "chunk-000001.json").write_text(record.to_json())
+    for name in listed + recorded:
+        (out / name).write_bytes(b"shard")
+
+
+def test_overwrite_deletes_only_the_shards_the_earlier_build_recorded(tmp_path):
+    out = tmp_path / "out"
+    write_build(out, build_config(out), listed=["pairs-000000.tar", "../victim.tar"], recorded=["pairs-000001.tar"])
+    (tmp_path / "victim.tar").write_bytes(b"not ours")
+    (out / "pairs-000009.tar").write_bytes(b"no record names it")
+    changed = build_config(out, pair={"seed": 9})
+    with pytest.raises(InputError, match="--overwrite"):
+        prepare_output(changed, overwrite=False)
+    prepare_output(changed, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "pairs-000009.tar"]
+    assert (tmp_path / "victim.tar").exists()
+    assert BuildConfig.model_validate(yaml.safe_load((out / "config.yaml").read_text())).config_hash() == \
+        changed.config_hash()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_is_not_a_build_is_refused_with_or_without_overwrite(tmp_path, overwrite):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "pairs-000000.tar").write_bytes(b"someone's shard")
+    (notes / "manifest.json").write_text("{}")
+    (notes / "thesis.tex").write_text("months of work")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("# subjectpairs train\nshards: [x]\nout: run\n")
+    (run / "metrics.jsonl").write_text("{}\n")
+    for folder, why in ((notes, r"not a build's \(manifest.json, pairs-000000.tar, thesis.tex\)"),
+                        (run, "config.yaml is not a build's")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(InputError, match=why):
+            prepare_output(build_config(folder), overwrite=overwrite)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_new_build_starts_in_an_empty_folder_or_beside_its_filter_stage(tmp_path):
+    out = tmp_path / "out"
+    (out / "candidates").mkdir(parents=True)
+    (out / LOCK_FILE).write_text("{}")
+    prepare_output(build_config(out), overwrite=False)
+    # an unfinished build resumes: its shards, records and a killed run's staged files are its own
+    (out / "pairs-000000.tar").write_bytes(b"")
+    (out / ".pairs-000001.tar.partial").write_bytes(b"")
+    (out / ".manifest.json.tmp-0123456789ab").write_bytes(b"")
+    prepare_output(build_config(out), overwrite=False)
+
+
+def test_a_second_build_into_a_folder_in_use_stops_naming_the_first(tmp_path):
+    out = tmp_path / "out"
+    with OutputLock(str(out), "build"):
+        with pytest.raises(InputError, match=r"in use by `subjectpairs build` \(pid \d+"):
+            run_build(build_config(out), show_progress=False)
+    assert [p.name for p in out.iterdir()] == []  # nothing written, not even config.yaml
+
+
+def test_a_build_never_writes_over_its_inputs(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    candidates = tmp_path / "filtered" / "candidates.parquet"
+    for out, settings, flag in ((images, {}, "--images"), (tmp_path / "filtered", {}, "--candidates"),
+                                (images / "pairs", {}, "--images"),
+                                (tmp_path / "bg" / "x", {"pair": {"composite": {"backgrounds": [str(tmp_path / "bg")]}}},
+                                 "--backgrounds"),
+                                (tmp_path / "zoo", {"candidates": None, "filter": {"zoo_dir": str(tmp_path / "zoo")}},
+                                 "--bbox")):
+        config = build_config(out, **{"candidates": str(candidates), "images": str(images), **settings})
+        with pytest.raises(InputError, match=flag):
+            run_build(config, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no output folder, no lock was made
+
+
+def test_a_build_config_names_local_files_absolutely(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clipseg").mkdir()
+    config = BuildConfig.model_validate({
+        "out": "shards", "candidates": "c.parquet", "images": "photos", "exclude": "rejects.txt",
+        "pair": {"composite": {"backgrounds": ["pool", "s3://bucket/bg"]}, "segmenter": {"model": "clipseg"}},
+        "captioner": {"model": "Salesforce/blip2-opt-2.7b"},
+    }).with_absolute_paths()
+    assert (config.out, config.candidates, config.images, config.exclude) == tuple(
+        str(tmp_path / name) for name in ("shards", "c.parquet", "photos", "rejects.txt"))
+    assert config.pair.composite.backgrounds == [str(tmp_path / "pool"), "s3://bucket/bg"]
+    assert config.pair.segmenter.model == str(tmp_path / "clipseg")
+    assert config.captioner.model == "Salesforce/blip2-opt-2.7b"  # a hub id, not a path
+    filtered = BuildConfig.model_validate({"out": "o", "filter": {"bbox": "b.csv", "classes": "s3://x/c.csv"}})
+    assert filtered.with_absolute_paths().filter == {"bbox": str(tmp_path / "b.csv"), "classes": "s3://x/c.csv"}
+
+
+def test_a_stale_lock_of_a_dead_build_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "command": "build"}))
+    with OutputLock(str(out), "build") as lock:
+        prepare_output(build_config(out), overwrite=False)
+        assert json.loads((out / LOCK_FILE).read_text())["token"] == lock.token
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]

@@ -21,7 +21,9 @@ from subjectpairs.curation.classes import read_class_list
 from subjectpairs.curation.config import FilterConfig
 from subjectpairs.curation.filter import FunnelStep, apply_rules, candidate_table
 from subjectpairs.curation.openimages import check_columns, read_boxes, read_header
-from subjectpairs.storage import StagedOutputs, exists, is_remote, join, local_path, open_input_stream
+from subjectpairs.errors import InputError
+from subjectpairs.guards import OutputLock, refuse_overlap
+from subjectpairs.storage import StagedOutputs, exists, is_remote, join, local_path, reading
 
 CANDIDATES_FILE = "candidates.parquet"
 FUNNEL_FILE = "funnel.json"
@@ -51,6 +53,16 @@ class FilterReport:
 
 
 def run_filter(config: FilterConfig) -> FilterReport:
+    """The filter, with local paths made absolute (the candidates' ``filepath`` is read by later commands
+    from anywhere) and its output folder checked against the inputs and locked for the run."""
+    config = config.with_absolute_paths()
+    refuse_overlap(config.out, {"--bbox": config.bbox_uri(), "--classes": config.classes_uri(),
+                                "--images": config.images_uri(), "--zoo-dir": config.zoo_dir})
+    with OutputLock(config.out, "filter"):
+        return _filter_locked(config)
+
+
+def _filter_locked(config: FilterConfig) -> FilterReport:
     started = time.perf_counter()
     classes = read_class_list(config.classes_uri())
     # Resolve the exclusion names before the long read, so a typo fails at start-up.
@@ -106,17 +118,19 @@ def parquet_bytes(table: pd.DataFrame) -> bytes:
 def attach_image_list(table: pd.DataFrame, uri: str, split: str) -> tuple[pd.DataFrame, dict]:
     """Add ``url`` and ``rotation`` from the official image list (one row per ImageID)."""
     header = read_header(uri)
-    check_columns(uri, header, ("ImageID", "OriginalURL"))
-    wanted = [name for name in ("ImageID", "Subset", "OriginalURL", "Rotation") if name in header]
-    with open_input_stream(uri) as stream:
-        images = pacsv.read_csv(
-            stream,
-            convert_options=pacsv.ConvertOptions(
-                include_columns=wanted,
-                column_types={"ImageID": pa.string(), "Subset": pa.string(), "OriginalURL": pa.string(),
-                              "Rotation": pa.float64()},
-            ),
-        )
+    check_columns(uri, header.columns, ("ImageID", "OriginalURL"))
+    column_types = {"ImageID": pa.string(), "Subset": pa.string(), "OriginalURL": pa.string(),
+                    "Rotation": pa.float64()}
+    wanted = [name for name in column_types if name in header.columns]
+    if header.header_only:
+        images = pa.schema([(name, column_types[name]) for name in wanted]).empty_table()
+    else:
+        try:
+            with reading(uri) as stream:
+                images = pacsv.read_csv(stream, convert_options=pacsv.ConvertOptions(
+                    include_columns=wanted, column_types=column_types))
+        except pa.ArrowInvalid as exc:  # a bad value or field count; pyarrow names the row
+            raise InputError(f"{uri}: not a valid image list ({' '.join(str(exc).split())})") from exc
     if "Subset" in wanted:
         images = images.filter(pc.equal(images.column("Subset"), split))
     images = images.filter(pc.is_in(images.column("ImageID"), value_set=pa.array(table["image_id"].unique())))

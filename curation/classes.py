@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from subjectpairs.errors import InputError
+from subjectpairs.identifiers import is_label_mid
 from subjectpairs.storage import read_bytes
 
 
@@ -68,8 +69,9 @@ def parse_class_list(text: str, source: str) -> ClassList:
         mid, name = row[0].strip(), row[1].strip()
         if line_no == 1 and mid.casefold() in {"labelname", "mid"}:
             continue  # tolerate a header line, which some mirrors add
-        if not mid.startswith("/m/") and not mid.startswith("/g/"):
-            raise InputError(f"{source}, line {line_no}: {mid!r} is not an OpenImages MID (/m/... or /g/...)")
+        if not mid.startswith(("/m/", "/g/")) or not is_label_mid(mid):
+            raise InputError(f"{source}, line {line_no}: {mid!r} is not an OpenImages MID "
+                             "(/m/... or /g/..., then /-separated A-Z a-z 0-9 _ -, at most 128 characters)")
         if not name:
             raise InputError(f"{source}, line {line_no}: empty DisplayName for {mid}")
         if mid in seen:

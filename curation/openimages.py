@@ -3,7 +3,11 @@
 The train file has 14.6M rows and 21 columns (2.2 GB). The fast path reads only the eight columns the
 filter needs with pyarrow's multi-threaded CSV reader, typed at parse time, with the id columns
 dictionary-encoded so that grouping works on small integers. Empty lines are kept as rows so that row
-``i`` is always line ``i + 2`` of the file (after the header), which lets every later check name its line.
+``i`` is always line ``i + 2`` of the file (after the header), which lets every later check name its line;
+only the empty lines that end the file are not rows.
+
+ImageIDs and label MIDs are checked against their grammars (subjectpairs.identifiers) once per distinct
+value, with RE2 on the column's dictionary, so the check costs little even on the train file.
 
 When the fast read fails (a non-numeric value, a row with the wrong number of fields), the file is read
 again serially with every column as text, so that each bad value can be reported with its line instead of
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +30,8 @@ import pyarrow.csv as pacsv
 
 from subjectpairs.curation.classes import ClassList
 from subjectpairs.errors import InputError
-from subjectpairs.storage import open_input_stream
+from subjectpairs.identifiers import IMAGE_ID, LABEL_MID, MAX_LABEL_MID
+from subjectpairs.storage import reading
 
 COORDINATES = ("XMin", "XMax", "YMin", "YMax")
 FLAGS = ("IsGroupOf", "IsInside")
@@ -81,7 +87,7 @@ class Boxes:
     image_codes: np.ndarray  # int32 index into image_ids
     image_ids: pa.Array  # distinct ImageIDs
     class_index: np.ndarray  # int32 index into the class list
-    is_group: np.ndarray  # bool: IsGroupOf == 1 (unknown -1 counts as not a group)
+    is_group: np.ndarray  # bool: IsGroupOf == 1 (unknown, -1 or empty, counts as not a group)
     is_inside: np.ndarray  # bool: IsInside == 1
     coordinates: dict[str, BlockColumn]  # XMin, XMax, YMin, YMax by file row
     file_row: np.ndarray | None = None  # file row of each valid box; None when every row is valid
@@ -106,13 +112,21 @@ class BoxRead:
 BAD_ROW_COLUMNS = ("line", "reason", *REQUIRED_BOX_COLUMNS)
 
 
-def read_header(uri: str) -> list[str]:
-    with open_input_stream(uri) as stream:
-        head = stream.read(1 << 16)
+@dataclass(frozen=True)
+class CsvHeader:
+    columns: list[str]
+    header_only: bool  # no line break after the header: no rows, and a file pyarrow's reader refuses
+
+
+def read_header(uri: str) -> CsvHeader:
+    head_size = 1 << 16
+    with reading(uri) as stream:
+        head = stream.read(head_size)
     if not head:
         raise InputError(f"{uri}: the file is empty (expected a header line)")
     first_line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig", errors="replace")
-    return next(csv.reader(io.StringIO(first_line)), [])
+    return CsvHeader(columns=next(csv.reader(io.StringIO(first_line)), []),
+                     header_only=b"\n" not in head and len(head) < head_size)
 
 
 def check_columns(uri: str, header: list[str], required: tuple[str, ...]) -> None:
@@ -130,9 +144,10 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
     ``on_bad_rows="error"`` raises :class:`InputError` naming the first bad line; ``"skip"`` drops bad
     rows and returns them with their reasons.
     """
-    check_columns(uri, read_header(uri), REQUIRED_BOX_COLUMNS)
+    header = read_header(uri)
+    check_columns(uri, header.columns, REQUIRED_BOX_COLUMNS)
     try:
-        table = _read_typed(uri)
+        table = _BOX_SCHEMA.empty_table() if header.header_only else _read_typed(uri)
         lines = None
         parse_reasons = None
     except pa.ArrowInvalid:
@@ -147,11 +162,15 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
     label_codes, labels = dictionary_codes(table.column("LabelName"))
     table = table.drop_columns(["ImageID", "LabelName"])
     coordinates = {name: BlockColumn(table.column(name), np.nan) for name in COORDINATES}
-    flags = {name: BlockColumn(table.column(name), _UNKNOWN_FLAG) for name in FLAGS}
+    # An empty flag is unknown, as -1 is.
+    flags = {name: BlockColumn(table.column(name), -1) for name in FLAGS}
     label_to_class = pc.index_in(labels, value_set=pa.array(classes.mids, pa.string()))
     class_of_label = label_to_class.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    invalid_labels = _outside_grammar(labels, LABEL_MID, MAX_LABEL_MID)
+    class_of_label[invalid_labels] = -1  # never a class, whatever class list was given
     class_index = class_of_label[label_codes] if len(labels) else np.full(len(label_codes), -1, np.int32)
     empty_ids = np.flatnonzero(pc.equal(pc.utf8_length(image_ids), 0).to_numpy(zero_copy_only=False))
+    invalid_ids = _outside_grammar(image_ids, IMAGE_ID, None)  # the empty one included
 
     # One fused pass per block decides whether anything is wrong (comparisons with NaN are false, so
     # missing values fail it too); the per-reason checks below only run on files that have bad rows.
@@ -163,10 +182,10 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
         for start, lo, hi in zip(coordinates[low].starts, coordinates[low].blocks, coordinates[high].blocks):
             good[start:start + len(lo)] &= hi > lo
     good &= class_index >= 0
-    if len(empty_ids) or (image_codes < 0).any():
-        good &= (image_codes >= 0) & ~np.isin(image_codes, empty_ids)
+    if len(invalid_ids) or (image_codes < 0).any():
+        good &= (image_codes >= 0) & ~np.isin(image_codes, invalid_ids)
     for name in FLAGS:
-        good &= flags[name].map(lambda v: ((v >= -1) & (v <= 1)) | (v == _UNKNOWN_FLAG))
+        good &= flags[name].map(lambda v: (v >= -1) & (v <= 1))
     if parse_reasons is not None:
         good &= parse_reasons == ""
 
@@ -175,18 +194,22 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
     if not all_good or len(invalid):
         values = {name: column.map(lambda v: v, np.float64) for name, column in coordinates.items()}
         values.update({name: column.map(lambda v: v, np.int16) for name, column in flags.items()})
+        for name in FLAGS:
+            values[name][pc.is_null(table.column(name)).to_numpy(zero_copy_only=False)] = _EMPTY_FLAG
         xmin, xmax, ymin, ymax = (values[name] for name in COORDINATES)
         checks: list[tuple[str, Callable[[], np.ndarray]]] = []
         if parse_reasons is not None:
             checks.append(("", lambda: parse_reasons != ""))
         checks += [
             ("missing ImageID", lambda: (image_codes < 0) | np.isin(image_codes, empty_ids)),
+            (_INVALID_IMAGE_ID, lambda: np.isin(image_codes, invalid_ids)),
+            (_INVALID_LABEL, lambda: np.isin(label_codes, invalid_labels)),
             ("LabelName is not a MID of the class file", lambda: class_index < 0),
         ]
         checks += [(f"missing {name}", lambda v=values[name]: np.isnan(v)) for name in COORDINATES]
         checks += [(f"{name} outside [0, 1]", lambda v=values[name]: (v < 0) | (v > 1)) for name in COORDINATES]
         checks += [("XMax <= XMin", lambda: xmax <= xmin), ("YMax <= YMin", lambda: ymax <= ymin)]
-        checks += [(f"{name} is not -1, 0 or 1", lambda v=values[name]: ~np.isin(v, (-1, 0, 1, _UNKNOWN_FLAG)))
+        checks += [(f"{name} is not -1, 0 or 1", lambda v=values[name]: ~np.isin(v, (-1, 0, 1, _EMPTY_FLAG)))
                    for name in FLAGS]
         shown = {"ImageID": (image_ids, image_codes), "LabelName": (labels, label_codes)}
         bad_frame = _describe_bad_rows(~good, checks, parse_reasons, lines, invalid, shown, values)
@@ -212,25 +235,59 @@ def read_boxes(uri: str, classes: ClassList, on_bad_rows: str = "error") -> BoxR
     return BoxRead(boxes=boxes, rows=n_rows, bad_rows=bad_frame)
 
 
-# Flags left empty are unknown, as -1 is; a sentinel keeps them apart from parse failures.
-_UNKNOWN_FLAG = -128
+# Bad rows show an empty flag as empty; flags are int8 in the file, so this int16 value cannot come from it.
+_EMPTY_FLAG = -1000
+_INVALID_IMAGE_ID = "ImageID is not valid (16 hex digits, or 1-128 of A-Z a-z 0-9 _ -)"
+_INVALID_LABEL = "LabelName is not a valid MID (/m/..., or /-separated A-Z a-z 0-9 _ -)"
+_BOX_SCHEMA = pa.schema(
+    [(name, pa.dictionary(pa.int32(), pa.string())) for name in ("ImageID", "LabelName")]
+    + [(name, pa.float64()) for name in COORDINATES] + [(name, pa.int8()) for name in FLAGS]
+)
+
+
+def _outside_grammar(values: pa.Array, grammar: re.Pattern, max_length: int | None) -> np.ndarray:
+    """Positions of the values that ``grammar`` does not match in full."""
+    matched = pc.match_substring_regex(values, f"^(?:{grammar.pattern})$")
+    if max_length is not None:
+        matched = pc.and_(matched, pc.less_equal(pc.utf8_length(values), max_length))
+    return np.flatnonzero(~matched.to_numpy(zero_copy_only=False).astype(bool))
 
 
 def _read_typed(uri: str) -> pa.Table:
-    column_types = {name: pa.float64() for name in COORDINATES}
-    column_types.update({name: pa.int8() for name in FLAGS})
-    column_types["ImageID"] = pa.dictionary(pa.int32(), pa.string())
-    column_types["LabelName"] = pa.dictionary(pa.int32(), pa.string())
-    with open_input_stream(uri) as stream:
-        return pacsv.read_csv(
+    with reading(uri) as stream:
+        table = pacsv.read_csv(
             stream,
             read_options=pacsv.ReadOptions(block_size=_BLOCK_SIZE),
             parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
             convert_options=pacsv.ConvertOptions(
-                include_columns=list(REQUIRED_BOX_COLUMNS), column_types=column_types,
-                strings_can_be_null=False,
+                include_columns=list(REQUIRED_BOX_COLUMNS),
+                column_types={field.name: field.type for field in _BOX_SCHEMA}, strings_can_be_null=False,
             ),
         )
+    return table.slice(0, _rows_before_trailing_blank_lines(table))
+
+
+def _rows_before_trailing_blank_lines(table: pa.Table) -> int:
+    """Rows up to the last line that is not blank: an editor's or a concatenation's final empty lines are
+    not rows. Looked at from the end, a slice at a time, so a clean file costs one small slice."""
+    end = table.num_rows
+    while end:
+        start = max(0, end - 1024)
+        tail = table.slice(start, end - start)
+        blank = np.ones(tail.num_rows, dtype=bool)
+        for column in tail.columns:
+            if pa.types.is_dictionary(column.type):
+                column = column.cast(column.type.value_type)
+            if pa.types.is_string(column.type) or pa.types.is_binary(column.type):
+                empty = pc.equal(pc.binary_length(column), 0).fill_null(True)
+            else:
+                empty = pc.is_null(column)
+            blank &= empty.to_numpy(zero_copy_only=False)
+        kept = np.flatnonzero(~blank)
+        if len(kept):
+            return start + int(kept[-1]) + 1
+        end = start
+    return 0
 
 
 def _read_as_text(uri: str) -> tuple[pa.Table, np.ndarray, np.ndarray, pd.DataFrame]:
@@ -241,28 +298,35 @@ def _read_as_text(uri: str) -> tuple[pa.Table, np.ndarray, np.ndarray, pd.DataFr
         invalid_rows.append((row.number, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
         return "skip"
 
-    with open_input_stream(uri) as stream:
+    with reading(uri) as stream:
         raw = pacsv.read_csv(
             stream,
             read_options=pacsv.ReadOptions(use_threads=False, block_size=_BLOCK_SIZE),
             parse_options=pacsv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=record),
             convert_options=pacsv.ConvertOptions(
                 include_columns=list(REQUIRED_BOX_COLUMNS),
-                column_types={name: pa.string() for name in REQUIRED_BOX_COLUMNS},
+                column_types={name: pa.binary() for name in REQUIRED_BOX_COLUMNS},  # decoded below, per value
                 strings_can_be_null=False,
             ),
         )
     invalid_lines = np.array([line for line, _ in invalid_rows], dtype=np.int64)
     total = raw.num_rows + len(invalid_rows)
     lines = np.setdiff1d(np.arange(2, total + 2, dtype=np.int64), invalid_lines, assume_unique=True)
+    # Blank lines end the file only when no line with the wrong field count comes after them.
+    kept = _rows_before_trailing_blank_lines(raw)
+    if len(invalid_lines):
+        kept = max(kept, int(np.searchsorted(lines, invalid_lines.max())))
+    raw, lines = raw.slice(0, kept), lines[:kept]
 
     reasons = np.full(raw.num_rows, "", dtype=object)
-    columns: dict[str, pa.Array] = {
-        "ImageID": raw.column("ImageID"),
-        "LabelName": raw.column("LabelName"),
-    }
+    columns: dict[str, pa.Array] = {}
+    texts: dict[str, pa.ChunkedArray] = {}
+    for name in REQUIRED_BOX_COLUMNS:
+        texts[name], not_utf8 = _decode_utf8(raw.column(name))
+        reasons[not_utf8 & (reasons == "")] = f"{name} is not UTF-8 text"
+    columns["ImageID"], columns["LabelName"] = texts["ImageID"], texts["LabelName"]
     for name in (*COORDINATES, *FLAGS):
-        text = raw.column(name)
+        text = texts[name]
         parsed = [_parse_numbers(chunk, name in FLAGS) for chunk in text.chunks]
         columns[name] = pa.chunked_array([values for values, _ in parsed],
                                          pa.int8() if name in FLAGS else pa.float64())
@@ -276,6 +340,27 @@ def _read_as_text(uri: str) -> tuple[pa.Table, np.ndarray, np.ndarray, pd.DataFr
         columns=list(BAD_ROW_COLUMNS),
     )
     return pa.table(columns), lines, reasons, invalid
+
+
+def _decode_utf8(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """Binary values as text; the mask marks values that are not UTF-8 (shown with replacement characters).
+
+    A block that casts cleanly needs no per-value check; only a block with bad bytes is decoded one by one.
+    """
+    chunks, masks = [], []
+    for chunk in column.chunks:
+        try:
+            chunks.append(chunk.cast(pa.string()))
+            masks.append(np.zeros(len(chunk), dtype=bool))
+            continue
+        except pa.ArrowInvalid:
+            pass
+        raw_values = chunk.to_pylist()
+        decoded = [value.decode("utf-8", errors="replace") for value in raw_values]
+        masks.append(np.array([text.encode("utf-8") != value for text, value in zip(decoded, raw_values)]))
+        chunks.append(pa.array(decoded, pa.string()))
+    mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+    return pa.chunked_array(chunks, pa.string()), mask
 
 
 def _parse_numbers(text: pa.Array, integer: bool) -> tuple[pa.Array, np.ndarray]:
@@ -374,6 +459,6 @@ def _describe_bad_rows(
     for name in COORDINATES:
         frame[name] = [("" if np.isnan(v) else repr(float(v))) for v in values[name][index]]
     for name in FLAGS:
-        frame[name] = [("" if v == _UNKNOWN_FLAG else str(int(v))) for v in values[name][index]]
+        frame[name] = [("" if v == _EMPTY_FLAG else str(int(v))) for v in values[name][index]]
     frame = pd.concat([frame, invalid], ignore_index=True) if len(invalid) else frame
     return frame.sort_values("line", kind="stable").reset_index(drop=True)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from subjectpairs import __version__
 from subjectpairs.errors import InputError
@@ -23,12 +24,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
+# Printed text holds paths, keys and messages that users chose: with markup and emoji codes off, a path
+# like ``data/[red]x[/bold]`` or ``a:smile:b`` prints as it is; styles are applied with Text objects.
+console = Console(markup=False, emoji=False)
+errors = Console(stderr=True, markup=False, emoji=False)
+
+
+def _print_error(headline: str, details: str = "") -> None:
+    errors.print(Text.assemble((headline, "bold red"), details), highlight=False, soft_wrap=True)
 
 
 def _fail(message: str) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _print_error("error:", f" {message}")
     return typer.Exit(code=2)
 
 
@@ -433,9 +440,15 @@ def review_build_command(
     console.print(f"review dataset {report.name!r}: {report.pairs} pairs ({report.added} added, {report.updated} "
                   f"kept, {report.removed} removed); saved views: {', '.join(report.views)}")
     console.print(f"open it with: subjectpairs review app --name {report.name}")
+    if report.rejected:
+        _print_error(f"{len(report.rejected)} sample(s) not in the review dataset:")
+        for rejected in report.rejected:
+            errors.print(f"  {rejected.shard} {rejected.key!r}: {rejected.reason} ({rejected.detail})",
+                         highlight=False, soft_wrap=True)
     if report.failed_shards:
-        errors.print(f"[bold red]{len(report.failed_shards)} shard(s) could not be read:[/] "
-                     + ", ".join(report.failed_shards), highlight=False, soft_wrap=True)
+        _print_error(f"{len(report.failed_shards)} shard(s) could not be read:",
+                     " " + ", ".join(report.failed_shards))
+    if report.rejected or report.failed_shards:
         raise typer.Exit(code=1)
 
 
@@ -446,8 +459,11 @@ def review_app_command(
     address: Annotated[str, typer.Option(help="Address to serve on (localhost by default).")] = "127.0.0.1",
 ) -> None:
     """Serve the FiftyOne App on the review dataset until interrupted."""
-    from subjectpairs.curation.review import launch_app
+    from subjectpairs.curation.review import exposure_warning, launch_app
 
+    warning = exposure_warning(address)
+    if warning:
+        _print_error("WARNING:", f" {warning}")
     with input_errors():
         session = launch_app(name, port=port, address=address)
     console.print(f"FiftyOne App on http://{address}:{port} (Ctrl-C to stop)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -80,12 +82,48 @@ def open_input_stream(uri: str | Path) -> pa.NativeFile:
     except OSError as exc:
         if not exists(text):
             raise InputError(f"{text}: file not found") from exc
-        raise
+        if is_dir(text):
+            raise InputError(f"{text}: is a directory, expected a file") from exc
+        raise InputError(f"{text}: cannot open the file ({exc})") from exc
+
+
+@contextmanager
+def reading(uri: str | Path) -> Iterator[pa.NativeFile]:
+    """:func:`open_input_stream` for a ``with`` block in which the stream is read.
+
+    Decompression only fails once the bytes are read, so a truncated, corrupt or not really compressed file
+    (and a failing disk) raises there: it becomes one InputError naming the file instead of a traceback.
+    """
+    with open_input_stream(uri) as stream:
+        try:
+            yield stream
+        except OSError as exc:
+            compression = _COMPRESSION_BY_SUFFIX.get(posixpath.splitext(str(uri))[1].lower())
+            problem = (f"cannot decompress as {compression}: the file is truncated, corrupt or not "
+                       f"{compression}-compressed" if compression else "cannot read the file")
+            raise InputError(f"{uri}: {problem} ({exc})") from exc
 
 
 def read_bytes(uri: str | Path) -> bytes:
-    with open_input_stream(uri) as stream:
+    with reading(uri) as stream:
         return stream.read()
+
+
+def make_folder(uri: str | Path) -> None:
+    """Create a local output folder and its parents (object stores have no folders).
+
+    A path that is a file, lies under a file, or may not be written there is an InputError naming it.
+    """
+    if is_remote(str(uri)):
+        return
+    try:
+        local_path(uri).mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise InputError(f"{uri}: is a file, expected an output folder") from exc
+    except NotADirectoryError as exc:
+        raise InputError(f"{uri}: lies under a file, expected an output folder") from exc
+    except OSError as exc:
+        raise InputError(f"{uri}: cannot create the output folder ({exc.strerror or exc})") from exc
 
 
 class StagedOutputs:
@@ -103,8 +141,7 @@ class StagedOutputs:
         self._staged: dict[str, str | bytes] = {}
 
     def __enter__(self) -> StagedOutputs:
-        if not self._remote:
-            local_path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        make_folder(self.out_dir)
         return self
 
     def put(self, name: str, data: bytes) -> None:
@@ -112,7 +149,12 @@ class StagedOutputs:
             self._staged[name] = data
             return
         tmp = local_path(self.out_dir) / f".{name}.tmp-{self._token}"
-        with open(tmp, "wb") as handle:
+        try:
+            handle = open(tmp, "wb")
+        except OSError as exc:
+            raise InputError(
+                f"{self.out_dir}: cannot write into the output folder ({exc.strerror or exc})") from exc
+        with handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -29,6 +29,9 @@ def test_bad_class_files_name_the_line(tmp_path):
         parse_class_list("/m/01,Cat\n/m/02,Dog,extra\n", "x.csv")
     with pytest.raises(InputError, match=r"line 1: 'cat' is not an OpenImages MID"):
         parse_class_list("cat,Cat\n", "x.csv")
+    for unsafe in ("/m/../x", "/m/a b", "/m/a.b", "/m/" + "x" * 126):  # paths, spaces, dots, over 128
+        with pytest.raises(InputError, match=r"line 2: .* is not an OpenImages MID"):
+            parse_class_list(f"/m/01,Cat\n{unsafe},Dog\n", "x.csv")
     with pytest.raises(InputError, match=r"line 2: MID /m/01 repeats line 1"):
         parse_class_list("/m/01,Cat\n/m/01,Dog\n", "x.csv")
     with pytest.raises(InputError, match="file not found"):

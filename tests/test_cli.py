@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +98,89 @@ def test_build_flags_and_settings_are_validated_before_anything_runs(tmp_path):
     result = runner.invoke(app, base)
     assert result.exit_code == 2 and "missing.parquet" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_paths_with_rich_markup_print_verbatim(tmp_path, classes_csv, mid):
+    folder = tmp_path / "[red]x[/bold]"  # a closing tag with no opening one: rich markup would raise
+    folder.mkdir(parents=True)
+    missing = folder / "in.csv"
+    result = runner.invoke(app, ["filter", "--bbox", str(missing), "--classes", str(classes_csv),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {missing}: file not found"
+
+    bbox = write_boxes(missing, [box_row("a", mid("Cat"))])
+    out = tmp_path / "[bold]out:smile:"
+    result = runner.invoke(app, ["filter", "--bbox", str(bbox), "--classes", str(classes_csv),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"->{out}" in "".join(result.output.split())  # the console may wrap the line
+
+
+def _gzip_in_name_only(folder: Path, source: Path) -> Path:
+    path = folder / f"fake-{source.name}.gz"
+    path.write_bytes(source.read_bytes())
+    return path
+
+
+def _truncated_gzip(folder: Path, source: Path) -> Path:
+    path = folder / f"cut-{source.name}.gz"
+    path.write_bytes(gzip.compress(source.read_bytes() * 50)[:-40])
+    return path
+
+
+def _a_file(folder: Path, source: Path) -> Path:
+    path = folder / "a-file.txt"
+    path.write_text("not a folder\n")
+    return path
+
+
+def _latin1_image_id(folder: Path, source: Path) -> Path:
+    path = folder / f"latin1-{source.name}"
+    path.write_bytes(source.read_bytes().replace(b"0123456789abcdef", b"0123456789abcd\xe9f", 1))
+    return path
+
+
+INPUT_MISTAKES = {  # name: (flag, the mistake made of a good file of that flag, words of the message)
+    "bbox not utf-8": ("--bbox", _latin1_image_id, "line 2: ImageID is not UTF-8 text"),
+    "bbox fake gz": ("--bbox", _gzip_in_name_only, "cannot decompress as gzip"),
+    "bbox truncated gz": ("--bbox", _truncated_gzip, "cannot decompress as gzip"),
+    "bbox folder": ("--bbox", lambda folder, source: folder, "is a directory, expected a file"),
+    "classes fake gz": ("--classes", _gzip_in_name_only, "cannot decompress as gzip"),
+    "classes folder": ("--classes", lambda folder, source: folder, "is a directory, expected a file"),
+    "images not utf-8": ("--images", _latin1_image_id, "not a valid image list"),
+    "images truncated gz": ("--images", _truncated_gzip, "cannot decompress as gzip"),
+    "out is a file": ("--out", _a_file, "is a file, expected an output folder"),
+    "out under a file": ("--out", lambda folder, source: _a_file(folder, source) / "x", "lies under a file"),
+}
+
+
+@pytest.mark.parametrize("mistake", INPUT_MISTAKES)
+def test_input_mistakes_are_one_line_naming_the_file(tmp_path, classes_csv, mid, mistake):
+    from subjectpairs.curation.synthetic import write_images_csv
+
+    good = {"--bbox": write_boxes(tmp_path / "boxes.csv", [box_row("0123456789abcdef", mid("Cat"))]),
+            "--classes": tmp_path / "classes.csv", "--out": tmp_path / "out",
+            "--images": tmp_path / "images.csv"}
+    good["--classes"].write_bytes(classes_csv.read_bytes())
+    write_images_csv(good["--images"], ["0123456789abcdef"])
+    flag, make, words = INPUT_MISTAKES[mistake]
+    folder = tmp_path / "mistakes"
+    folder.mkdir()
+    wrong = make(folder, good[flag])
+    arguments = {**good, flag: wrong}
+    result = runner.invoke(app, ["filter", *[str(part) for item in arguments.items() for part in item]])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {wrong}") and words in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
+def test_unwritable_out_is_one_line(tmp_path, classes_csv, mid):
+    bbox = write_boxes(tmp_path / "boxes.csv", [box_row("a", mid("Cat"))])
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    result = runner.invoke(app, ["filter", "--bbox", str(bbox), "--classes", str(classes_csv),
+                                 "--out", str(locked / "out")])
+    assert result.exit_code == 2 and "Permission denied" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -58,6 +58,11 @@ def test_empty_file(tmp_path, classes_csv):
     (dict(XMax=1.5), "XMax outside"),
     (dict(LabelName="/m/notaclass"), "LabelName is not a MID of the class file"),
     (dict(IsGroupOf=7), "IsGroupOf is not -1, 0 or 1"),
+    (dict(IsInside=-128), "IsInside is not -1, 0 or 1"),
+    (dict(ImageID="../../etc"), "ImageID is not valid"),
+    (dict(ImageID="0123456789abcdef.jpg"), "ImageID is not valid"),
+    (dict(ImageID="caf\u00e9"), "ImageID is not valid"),
+    (dict(LabelName="/m/../0bt9lr"), "LabelName is not a valid MID"),
     (dict(IsInside="yes"), "non-numeric IsInside 'yes'"),
     (dict(XMin=""), "missing XMin"),
 ])
@@ -92,15 +97,15 @@ def test_skip_records_every_bad_row_and_keeps_the_rest(tmp_path, classes_csv, mi
     ]
     bbox = write_boxes(tmp_path / "boxes.csv", rows)
     text = bbox.read_text().splitlines()
-    text.insert(7, "short,row")  # line 8
-    text.insert(8, "")  # line 9: an empty line is a bad row too, not silently skipped
+    text.insert(7, "")  # line 8: an empty line inside the file is a bad row too, not silently skipped
+    text.insert(8, "short,row")  # line 9
     bbox.write_text("\n".join(text) + "\n")
     report = run_filter(config(tmp_path, bbox, classes_csv, on_bad_rows="skip"))
     assert set(report.candidates.image_id) == {"good1", "good2", "good3"}
     bad = pd.read_csv(tmp_path / "out" / "bad_rows.csv", keep_default_na=False)
     assert bad.line.tolist() == [3, 5, 6, 8, 9]
     assert bad.reason.tolist() == ["non-numeric XMin 'x'", "XMax <= XMin", "LabelName is not a MID of the class file",
-                                   "expected 21 fields, got 2", "missing ImageID"]
+                                   "missing ImageID", "expected 21 fields, got 2"]
     assert bad.ImageID.tolist()[:3] == ["bad1", "bad2", "bad3"]
     assert report.funnel["rows"] == 8 and report.funnel["bad_rows"] == 5 and report.funnel["boxes"] == 3
 
@@ -156,3 +161,44 @@ def test_kept_boxes_keep_their_coordinates_when_bad_rows_are_skipped(tmp_path, c
     bbox = write_boxes(tmp_path / "boxes.csv", rows)
     report = run_filter(config(tmp_path, bbox, classes_csv, on_bad_rows="skip"))
     assert report.candidates[["xmin", "xmax", "ymin", "ymax"]].values.tolist() == [[0.11, 0.77, 0.22, 0.88]]
+
+
+def test_empty_flags_are_unknown_and_show_empty_in_bad_rows(tmp_path, classes_csv, mid):
+    rows = [box_row("a", mid("Cat"), IsGroupOf="", IsInside=""),
+            box_row("b", mid("Cat"), XMin="?", IsGroupOf="")]
+    bbox = write_boxes(tmp_path / "boxes.csv", rows)
+    report = run_filter(config(tmp_path, bbox, classes_csv, on_bad_rows="skip"))
+    assert report.candidates.image_id.tolist() == ["a"]
+    bad = pd.read_csv(tmp_path / "out" / "bad_rows.csv", keep_default_na=False, dtype=str)
+    assert bad.IsGroupOf.tolist() == [""] and bad.IsInside.tolist() == ["0"]
+
+
+@pytest.mark.parametrize("line_end,blank_lines", [(b"\n", 1), (b"\n", 3), (b"\r\n", 2)])
+@pytest.mark.parametrize("bad_value", [None, "x"])  # None: the typed read; "x": the line-by-line read
+def test_blank_lines_that_end_the_file_are_not_rows(tmp_path, class_list, mid, line_end, blank_lines,
+                                                    bad_value):
+    second = box_row("b", mid("Dog"), **({} if bad_value is None else {"XMin": bad_value}))
+    rows = [box_row("a", mid("Cat")), second]
+    bbox = write_boxes(tmp_path / "boxes.csv", rows)
+    bbox.write_bytes(bbox.read_bytes().replace(b"\n", line_end) + line_end * blank_lines)
+    read = read_boxes(str(bbox), class_list, "skip")
+    assert read.rows == 2
+    assert read.bad_rows.line.tolist() == ([] if bad_value is None else [3])
+
+
+def test_header_only_file_without_a_line_break_has_no_rows(tmp_path, classes_csv, mid):
+    bbox = write_boxes(tmp_path / "boxes.csv", [])
+    bbox.write_text(bbox.read_text().rstrip("\n"))
+    images = tmp_path / "images.csv"
+    images.write_text("ImageID,Subset,OriginalURL,Rotation")
+    report = run_filter(config(tmp_path, bbox, classes_csv, images=str(images)))
+    assert report.funnel["rows"] == 0 and len(report.candidates) == 0
+
+
+def test_bad_utf8_is_a_bad_row_with_its_line(tmp_path, classes_csv, mid):
+    bbox = write_boxes(tmp_path / "boxes.csv", [box_row("a", mid("Cat")), box_row("b", mid("Dog"))])
+    bbox.write_bytes(bbox.read_bytes().replace(b"\nb,", b"\nb\xff,"))
+    report = run_filter(config(tmp_path, bbox, classes_csv, on_bad_rows="skip"))
+    assert report.candidates.image_id.tolist() == ["a"]
+    bad = pd.read_csv(tmp_path / "out" / "bad_rows.csv", keep_default_na=False)
+    assert bad[["line", "reason", "ImageID"]].values.tolist() == [[3, "ImageID is not UTF-8 text", "b\ufffd"]]

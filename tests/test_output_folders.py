@@ -138,3 +138,27 @@ def test_a_stale_lock_of_a_dead_build_is_taken_over(tmp_path):
         prepare_output(build_config(out), overwrite=False)
         assert json.loads((out / LOCK_FILE).read_text())["token"] == lock.token
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_the_filter_stores_absolute_filepaths_and_never_writes_into_its_zoo(tmp_path, monkeypatch, classes_csv, mid):
+    from conftest import box_row, write_boxes
+    from subjectpairs.curation.candidates import run_filter
+    from subjectpairs.curation.config import FilterConfig
+
+    split = tmp_path / "zoo" / "train"
+    for folder in ("labels", "metadata", "data"):
+        (split / folder).mkdir(parents=True)
+    write_boxes(split / "labels" / "detections.csv", [box_row("aaaa", mid("Cat"))], train_format=False)
+    (split / "metadata" / "classes.csv").write_bytes(classes_csv.read_bytes())
+    (split / "data" / "aaaa.jpg").write_bytes(b"\xff\xd8")
+    monkeypatch.chdir(tmp_path)
+    report = run_filter(FilterConfig(out="out", zoo_dir="zoo"))
+    assert report.candidates.filepath.tolist() == [str(split / "data" / "aaaa.jpg")]
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["zoo_dir"] == str(tmp_path / "zoo")
+    for out in ("zoo", "zoo/train/filtered"):
+        with pytest.raises(InputError, match="--zoo-dir|--bbox"):
+            run_filter(FilterConfig(out=out, zoo_dir="zoo"))
+    assert not (split / "filtered").exists() and not (tmp_path / "zoo" / "candidates.parquet").exists()
+    with OutputLock(str(tmp_path / "out"), "filter"):
+        with pytest.raises(InputError, match="in use by `subjectpairs filter`"):
+            run_filter(FilterConfig(out="out", zoo_dir="zoo"))

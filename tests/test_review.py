@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from typer.testing import CliRunner
 
 from subjectpairs.cli import app
 from subjectpairs.curation.review import (
+    MEMBERS,
     METRICS,
     ReviewConfig,
     build_review,
@@ -161,3 +164,124 @@ def test_near_duplicates_are_marked_and_saved_as_a_view(demo_shards, tmp_path):
     assert partner[copy["__key__"]] == original["__key__"] and partner[original["__key__"]] == copy["__key__"]
     view = dataset.load_saved_view("near-duplicates").select_group_slices("target")
     assert {copy["__key__"], original["__key__"]} <= set(view.values("key"))
+
+
+def _image(fmt: str, mode: str = "RGB") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (8, 8), 128).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def pair_members(name: str, **meta) -> dict[str, bytes]:
+    """The members of one small pair named ``name`` (``meta`` overrides fields of its json)."""
+    fields = {"key": name, "category": "Cat", "box": [0.1, 0.9, 0.2, 0.8], "captions": [f"a cat {name}"],
+              "metrics": dict.fromkeys(METRICS, 0.5), **meta}
+    return {"input.jpg": _image("JPEG"), "target.jpg": _image("JPEG"), "alpha.png": _image("PNG", "L"),
+            "trimap.png": _image("PNG", "L"), "json": json.dumps(fields).encode()}
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A shard whose member names are ``<key>.<member>`` exactly as given (tarfile, not webdataset)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for member, data in sorted(members.items()):
+                info = tarfile.TarInfo(f"{key}.{member}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_media_paths_come_from_valid_member_keys_and_every_other_sample_is_a_named_rejection(tmp_path):
+    good = ["k0", "k9"]
+    no_trimap = {m: d for m, d in pair_members("k6").items() if m != "trimap.png"}
+    absolute = str(tmp_path / "outside" / "x")  # a member key naming an absolute path (kept under tmp_path)
+    write_tar(tmp_path / "shards" / "pairs-000000.tar", [
+        ("k0", pair_members("k0")),
+        ("k2", pair_members("k2", key="../../escape")),
+        ("k3", pair_members("k3", key=str(tmp_path / "absolute"))),
+        ("../../up", pair_members("../../up")),
+        (absolute, pair_members(absolute)),
+        ("a.b", pair_members("a.b")),
+        ("k4", {**pair_members("k4"), "json": b'{"key": "k4", '}),
+        ("k5", {**pair_members("k5"), "json": json.dumps({"key": "k5", "category": "Cat"}).encode()}),
+        ("k6", no_trimap),
+        ("k9", pair_members("k9")),
+    ])
+    media = tmp_path / "work" / "media"
+    report = build_review(ReviewConfig(shards=str(tmp_path / "shards"), name="review-keys", media_dir=str(media)),
+                          overwrite=True, progress=False)
+    reasons = {(r.shard, r.key, r.reason) for r in report.rejected}
+    assert reasons == {("pairs-000000.tar", "k2", "key_mismatch"), ("pairs-000000.tar", "k3", "key_mismatch"),
+                       ("pairs-000000.tar", "../../up", "invalid_key"), ("pairs-000000.tar", absolute, "invalid_key"),
+                       ("pairs-000000.tar", "a.b", "invalid_key"), ("pairs-000000.tar", "k4", "bad_json"),
+                       ("pairs-000000.tar", "k5", "bad_fields"), ("pairs-000000.tar", "k6", "missing_member")}
+    assert "box" in next(r.detail for r in report.rejected if r.key == "k5")
+    assert report.pairs == 2 and not report.failed_shards
+    dataset = fiftyone().load_dataset("review-keys")
+    assert sorted(dataset.select_group_slices("target").values("key")) == good
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted([Path("shards/pairs-000000.tar"), *(
+        Path("work/media/pairs-000000") / f"{key}.{member}" for key in good for member in MEMBERS[:-1])])
+    result = CliRunner().invoke(app, ["review", "build", "--shards", str(tmp_path / "shards"), "--name",
+                                      "review-keys", "--media-dir", str(media)])
+    assert result.exit_code == 1, result.output
+    for key, reason in (("'../../up'", "invalid_key"), ("'k4'", "bad_json"), ("'a.b'", "invalid_key")):
+        assert f"pairs-000000.tar {key}: {reason}" in result.stderr
+    assert "8 sample(s) not in the review dataset" in result.stderr
+
+
+def test_media_paths_are_absolute_and_an_exporter_from_another_directory_finds_every_file(tmp_path, monkeypatch):
+    fo = fiftyone()
+    write_tar(tmp_path / "shards" / "pairs-000000.tar", [(key, pair_members(key)) for key in ("k0", "k1")])
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    build_review(ReviewConfig(shards=str(tmp_path / "shards"), name="review-abs", media_dir="media"),
+                 overwrite=True, progress=False)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    dataset = fo.load_dataset("review-abs")
+    targets = dataset.select_group_slices("target")
+    paths = [*dataset.select_group_slices().values("filepath"), *targets.values("alpha.map_path"),
+             *targets.values("trimap.mask_path")]
+    assert len(paths) == 8 and all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
+    assert dataset.info["subjectpairs"]["media_dir"] == str(tmp_path / "here" / "media")
+    dataset.export(export_dir="export", dataset_type=fo.types.FiftyOneDataset, export_media=True)
+    exported = {p.name for p in (tmp_path / "elsewhere" / "export").rglob("*") if p.is_file()}
+    assert {Path(p).name for p in paths} <= exported
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "holding"])
+def test_a_media_dir_overlapping_the_shards_is_refused_before_anything_changes(tmp_path, where):
+    shards = tmp_path / "corpus" / "shards"
+    write_tar(shards / "pairs-000000.tar", [("k0", pair_members("k0"))])
+    media = {"same": shards, "inside": shards / "media", "holding": tmp_path / "corpus"}[where]
+    before = sorted(tmp_path.rglob("*"))
+    result = CliRunner().invoke(app, ["review", "build", "--shards", str(shards), "--name", f"review-{where}",
+                                      "--media-dir", str(media)])
+    assert result.exit_code == 2 and "--media-dir" in result.stderr and "--shards" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(tmp_path.rglob("*")) == before and not fiftyone().dataset_exists(f"review-{where}")
+
+
+@pytest.mark.parametrize("address, warned", [("0.0.0.0", True), ("[::]", True), ("192.168.1.7", True),
+                                             ("review.example.org", True), ("127.0.0.1", False),
+                                             ("localhost", False), ("::1", False), ("127.0.1.1", False)])
+def test_serving_the_app_beyond_loopback_warns_loudly(monkeypatch, address, warned):
+    from subjectpairs.curation import review
+
+    served = []
+
+    class Session:
+        def wait(self, timeout):
+            served.append(timeout)
+
+    monkeypatch.setattr(review, "launch_app", lambda name, port, address: Session())
+    result = CliRunner().invoke(app, ["review", "app", "--name", "any", "--address", address])
+    assert result.exit_code == 0 and served == [-1], result.output
+    if warned:
+        assert result.stderr.startswith("WARNING: the FiftyOne App has no authentication")
+        assert f"on {address} anyone" in result.stderr and "ssh -L" in result.stderr
+    else:
+        assert result.stderr == ""

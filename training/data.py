@@ -336,12 +336,13 @@ class PairStream(IterableDataset):
         return collated
 
 
-def iter_shard(uri: str, members: frozenset[str]) -> Iterator[dict[str, Any]]:
+def iter_shard(uri: str, members: frozenset[str] | None) -> Iterator[dict[str, Any]]:
     """A shard's samples in tar order: ``__key__`` and the named members (bytes), the others skipped
-    unread. Raises when the shard does not open or breaks off."""
+    unread (None: every member, for a reader that names what it cannot use). Raises when the shard does
+    not open or breaks off."""
     with storage.open_input_stream(uri) as stream:
-        files = tar_file_expander([{"url": uri, "stream": stream}],
-                                  select_files=lambda name: name.partition(".")[2].lower() in members)
+        files = tar_file_expander([{"url": uri, "stream": stream}], select_files=None if members is None else
+                                  lambda name: name.partition(".")[2].lower() in members)
         yield from group_by_keys(files)
 
 

@@ -381,8 +381,8 @@ def exposure_warning(address: str) -> str | None:
     if loopback:
         return None
     return (f"the FiftyOne App has no authentication: on {address} anyone who can reach this machine's port "
-            "sees every pair and can change its tags. Keep 127.0.0.1 and reach it through `ssh -L`, or put it "
-            "behind a reverse proxy that asks for a login (README, \"Reviewing pairs in FiftyOne\")")
+            "sees every pair and can change its tags. Keep 127.0.0.1 and reach it through `ssh -L`, or put "
+            "it behind a reverse proxy that asks for a login (README, \"Reviewing pairs in FiftyOne\")")
 
 
 def launch_app(name: str, port: int = 5151, address: str = "127.0.0.1"):

@@ -56,7 +56,8 @@ def test_an_id_and_mid_too_long_together_for_a_key_are_refused(tmp_path):
         load_candidates(write_table(tmp_path / "c.parquet", [long_pair]), str(tmp_path / "images"))
 
 
-@pytest.mark.parametrize("image_id, label_mid", [("../x", "/m/01yrx"), ("a", "/m/a.b"), ("a" * 150, "/m/" + "b" * 60)])
+@pytest.mark.parametrize("image_id, label_mid",
+                         [("../x", "/m/01yrx"), ("a", "/m/a.b"), ("a" * 150, "/m/" + "b" * 60)])
 def test_sample_key_never_makes_an_invalid_key(image_id, label_mid):
     with pytest.raises(ValueError, match="sample key"):
         sample_key(image_id, label_mid)
@@ -76,7 +77,8 @@ def test_sample_keys_follow_the_grammar():
     ("image_id", [None, "a"], pa.string(), r"row 1: image_id is null, not text"),
     ("label_mid", [1, 2], pa.int64(), r"row 1: label_mid is 1, not text"),
 ])
-def test_a_wrong_type_or_null_is_one_line_naming_column_and_row(tmp_path, column, values, arrow_type, message):
+def test_a_wrong_type_or_null_is_one_line_naming_column_and_row(tmp_path, column, values, arrow_type,
+                                                                message):
     rows = [{**GOOD, "image_id": f"{index:016x}", column: value} for index, value in enumerate(values)]
     with pytest.raises(InputError, match=message):
         load_candidates(write_table(tmp_path / "c.parquet", rows, schema_with(column, arrow_type)),

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from subjectpairs import storage
 from subjectpairs.errors import InputError
+from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from subjectpairs.pipelines.rejections import Rejection
 from subjectpairs.pipelines.shards import (
     CONFIG_FILE, MANIFEST_FILE, REJECT_SCHEMA, REJECTS_FILE, SHARD_PREFIX, STATS_FILE, ShardFile,
@@ -36,6 +37,8 @@ from subjectpairs.pipelines.shards import (
 
 COUNT_KEYS = ("candidates", "pairs", "rejects")
 COPIED_FILES = (STATS_FILE, CONFIG_FILE)  # copied byte for byte when the source has them
+# in the output folder while a compaction runs: the build it compacts and every shard it may replace
+RECORD_FILE = ".compaction.json"
 
 
 @dataclass
@@ -85,12 +88,6 @@ class _HashingReader:
         while block := self.read(1 << 20):
             if block.strip(b"\0"):
                 raise ValueError(f"data after the end of the archive at byte {offset} (a damaged member header?)")
-
-
-def _same_location(a: str, b: str) -> bool:
-    if storage.is_remote(a) or storage.is_remote(b):
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.realpath(storage.local_path(a)) == os.path.realpath(storage.local_path(b))
 
 
 def _read_manifest(source: str) -> dict[str, Any]:
@@ -177,14 +174,57 @@ def _shard_samples(uri: str, entry: dict[str, Any], manifest_uri: str) -> Iterat
         raise InputError(f"{uri}: holds {count} samples, {manifest_uri} says {entry['samples']}")
 
 
-def _stale_shards(out: str, keep: set[str]) -> list[str]:
-    """Shard files directly in ``out`` that the new manifest does not list (an earlier run's)."""
-    fs, root = fsspec.core.url_to_fs(out) if storage.is_remote(out) else (fsspec.filesystem("file"), out)
-    if not fs.exists(root):
-        return []
-    names = [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)]
-    return sorted(name for name in names
-                  if name.startswith(SHARD_PREFIX) and name.endswith(".tar") and name not in keep)
+def _build_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields that say which build a manifest describes (a compaction keeps them): all but the counts
+    and the shards. Equal for a build and every compaction of it, different for another build."""
+    return {key: value for key, value in manifest.items() if key not in (*COUNT_KEYS, "shards")}
+
+
+def _listed_shards(uri: str, out: str) -> tuple[dict[str, Any], set[str]] | None:
+    """(build identity, shard names) of a manifest or compaction record in ``out``; None when absent."""
+    if not storage.exists(uri):
+        return None
+    try:
+        listed = json.loads(storage.read_bytes(uri))
+        names = {entry["name"] if isinstance(entry, dict) else entry for entry in listed["shards"]}
+        identity = listed["build"] if uri.endswith(RECORD_FILE) else _build_identity(listed)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{out} holds a {uri.rsplit('/', 1)[-1]} that is not a compaction's ({exc}); choose an "
+                         "empty or new --out") from exc
+    return identity, {name for name in names if isinstance(name, str) and name.startswith(SHARD_PREFIX)
+                      and name.endswith(".tar") and "/" not in name}
+
+
+def _is_compaction_entry(name: str) -> bool:
+    """What a compaction writes into its output folder, also as storage's staged copies that a killed run
+    leaves (``.NAME.tmp-...``, ``.NAME.partial``)."""
+    staged = name.lstrip(".").split(".tmp-")[0].removesuffix(".partial") if name.startswith(".") else name
+    return name == RECORD_FILE or staged in (MANIFEST_FILE, REJECTS_FILE, *COPIED_FILES) or (
+        staged.startswith(SHARD_PREFIX) and staged.endswith(".tar"))
+
+
+def _claim_output(out: str, manifest: dict[str, Any]) -> set[str]:
+    """Make ``out`` this run's: it must be empty or new, or hold an earlier compaction of the same build and
+    nothing else. Records the run in ``out`` (a compaction stopped half way is recognised and replaced by the
+    next), removes the earlier manifest (the shards it describes are about to change), and returns the shard
+    names the run may delete: those an earlier manifest or record of ``out`` lists."""
+    entries = output_entries(out)
+    earlier = [found for name in (MANIFEST_FILE, RECORD_FILE)
+               if (found := _listed_shards(storage.join(out, name), out)) is not None]
+    foreign = [name for name in entries if not _is_compaction_entry(name)]
+    if entries and (foreign or not earlier):
+        shown = ", ".join((foreign or entries)[:3]) + (", ..." if len(foreign or entries) > 3 else "")
+        raise InputError(f"{out} holds files that are not a compaction's ({shown}); choose an empty or new --out")
+    identity = _build_identity(manifest)
+    if any(found != identity for found, _ in earlier):
+        raise InputError(f"{out} holds a compaction of another build (its manifest's config_hash or version "
+                         "differ from the source's); choose an empty or new --out")
+    replaceable = set().union(*(names for _, names in earlier))
+    record = {"build": identity, "shards": sorted(replaceable | {entry["name"] for entry in manifest["shards"]})}
+    storage.publish_bytes(storage.join(out, RECORD_FILE), json.dumps(record).encode())
+    if storage.exists(storage.join(out, MANIFEST_FILE)):
+        _remove(storage.join(out, MANIFEST_FILE))
+    return replaceable
 
 
 def _remove(uri: str) -> None:
@@ -196,21 +236,26 @@ def _remove(uri: str) -> None:
 
 
 def compact_shards(source: str, exclude: str, out: str) -> CompactReport:
-    """Write ``source``'s shards less the pairs ``exclude`` lists to ``out`` (see the module docstring)."""
-    if _same_location(source, out):
-        raise InputError(f"--out {out} is the source folder: compact into another folder")
+    """Write ``source``'s shards less the pairs ``exclude`` lists to ``out`` (see the module docstring).
+
+    The inputs are read and ``out`` is checked against them before anything is written; ``out`` is locked
+    for the run."""
+    refuse_overlap(out, {"the source folder": source, "--exclude": exclude})
     excluded = read_exclude(exclude)
-    manifest_uri = storage.join(source, MANIFEST_FILE)
     manifest = _read_manifest(source)
     rejects = _read_rejects(source)
     if "rejects" in manifest and manifest["rejects"] != len(rejects):
         raise InputError(f"{storage.join(source, REJECTS_FILE)}: holds {len(rejects)} rejects, "
-                         f"{manifest_uri} says {manifest['rejects']}")
-    rejected = {r.key for r in rejects}
+                         f"{storage.join(source, MANIFEST_FILE)} says {manifest['rejects']}")
+    with OutputLock(out, "shards compact"):
+        return _compact_locked(source, exclude, out, excluded, manifest, rejects)
 
-    # an earlier manifest in out would describe shards this run replaces: it goes before any shard does
-    if storage.exists(storage.join(out, MANIFEST_FILE)):
-        _remove(storage.join(out, MANIFEST_FILE))
+
+def _compact_locked(source: str, exclude: str, out: str, excluded: frozenset[str], manifest: dict[str, Any],
+                    rejects: list[Rejection]) -> CompactReport:
+    manifest_uri = storage.join(source, MANIFEST_FILE)
+    rejected = {r.key for r in rejects}
+    replaceable = _claim_output(out, manifest)
     entries: list[dict[str, Any]] = []
     removed: list[str] = []
     dropped: list[str] = []
@@ -255,7 +300,7 @@ def compact_shards(source: str, exclude: str, out: str) -> CompactReport:
         candidates=manifest.get("candidates", pairs + len(rejects)), pairs=pairs, rejects=len(rejects),
         shards=entries,
     )
-    for name in _stale_shards(out, {entry["name"] for entry in entries}):
+    for name in sorted(replaceable - {entry["name"] for entry in entries}):  # an earlier run's, now stale
         _remove(storage.join(out, name))
     with storage.StagedOutputs(out) as staged:
         for name in COPIED_FILES:
@@ -263,6 +308,7 @@ def compact_shards(source: str, exclude: str, out: str) -> CompactReport:
                 staged.put(name, storage.read_bytes(storage.join(source, name)))
         staged.put(REJECTS_FILE, reject_bytes)
         staged.put(MANIFEST_FILE, (json.dumps(compacted, indent=2) + "\n").encode())
+    _remove(storage.join(out, RECORD_FILE))  # the manifest now says what out holds
     return CompactReport(
         out_dir=out, manifest=compacted, removed=sorted(removed),
         not_found=sorted(excluded - where.keys() - rejected),

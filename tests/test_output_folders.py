@@ -23,6 +23,10 @@ def build_config(out: Path, **settings) -> BuildConfig:
     return BuildConfig.model_validate({"out": str(out), "candidates": "/data/candidates.parquet", **settings})
 
 
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.exists() else {}
+
+
 def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
@@ -162,3 +166,61 @@ def test_the_filter_stores_absolute_filepaths_and_never_writes_into_its_zoo(tmp_
     with OutputLock(str(tmp_path / "out"), "filter"):
         with pytest.raises(InputError, match="in use by `subjectpairs filter`"):
             run_filter(FilterConfig(out="out", zoo_dir="zoo"))
+
+
+@pytest.fixture
+def compact_source(tmp_path):
+    from test_compact import write_corpus
+
+    source = tmp_path / "source"
+    source.mkdir()
+    made = write_corpus(source)
+    exclude = tmp_path / "REJECTS.txt"
+    exclude.write_text(made["keys"][0] + "\n")
+    return source, exclude, made
+
+
+def test_compact_never_replaces_another_build_or_foreign_files(compact_source, tmp_path):
+    from test_compact import write_corpus
+
+    from subjectpairs.pipelines.compact import compact_shards
+
+    source, exclude, _ = compact_source
+    other = tmp_path / "other-build"
+    other.mkdir()
+    manifest = write_corpus(other)["manifest"]
+    (other / "manifest.json").write_text(json.dumps({**manifest, "config_hash": "d" * 64}))
+    (other / "pairs-000007.tar").write_bytes(b"a shard of the other build no manifest lists")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("months of work")
+    orphans = tmp_path / "orphans"
+    orphans.mkdir()
+    (orphans / "pairs-000000.tar").write_bytes(b"no manifest lists it")
+    for out, why in ((other, "another build"), (notes, r"not a compaction's \(thesis.tex\)"),
+                     (orphans, r"not a compaction's \(pairs-000000.tar\)"),
+                     (source / "compacted", "lies inside the source folder"), (tmp_path, "lies inside --out")):
+        before = files_in(out)
+        with pytest.raises(InputError, match=why):
+            compact_shards(str(source), str(exclude), str(out))
+        assert files_in(out) == before
+
+
+def test_compact_replaces_its_own_earlier_or_interrupted_run_and_deletes_only_what_it_listed(compact_source, tmp_path):
+    from subjectpairs.pipelines.compact import RECORD_FILE, compact_shards
+
+    source, exclude, made = compact_source
+    out = tmp_path / "out"
+    compact_shards(str(source), str(tmp_path / "REJECTS.txt"), str(out))
+    clean = files_in(out)
+    # a run stopped half way: its record names the shards it may have written, the manifest is gone
+    (out / "manifest.json").unlink()
+    (out / RECORD_FILE).write_text(json.dumps({"build": {k: v for k, v in made["manifest"].items() if k in (
+        "version", "pipeline_version", "config_hash")}, "shards": ["pairs-000005.tar"]}))
+    (out / "pairs-000005.tar").write_bytes(b"written by the stopped run")
+    (out / "pairs-000009.tar").write_bytes(b"listed nowhere: not ours to delete")
+    compact_shards(str(source), str(exclude), str(out))
+    assert files_in(out) == {**clean, "pairs-000009.tar": b"listed nowhere: not ours to delete"}
+    with OutputLock(str(out), "shards compact"):
+        with pytest.raises(InputError, match="in use by `subjectpairs shards compact`"):
+            compact_shards(str(source), str(exclude), str(out))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 
-OPENIMAGES_IMAGE_ID = re.compile(r"[0-9a-f]{16}")
 IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 LABEL_MID = re.compile(r"/?[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*")
 MAX_LABEL_MID = 128

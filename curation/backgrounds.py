@@ -28,8 +28,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -42,6 +44,7 @@ from subjectpairs import storage
 from subjectpairs.configfile import config_yaml
 from subjectpairs.curation.config import HUMAN_CLASSES
 from subjectpairs.errors import InputError
+from subjectpairs.guards import OutputLock, refuse_overlap
 from subjectpairs.seeds import stable_seed
 
 POOL_FILE = "backgrounds.parquet"
@@ -73,6 +76,15 @@ class BackgroundConfig(BaseModel):
     exclude_candidates: str | None = Field(None, description="candidates.parquet of the subject filter")
     near_duplicate_bits: int | None = Field(None, ge=0, le=64, description="folder mode: dHash distance")
     seed: int = 0
+
+    PATH_KEYS: ClassVar[dict[str, str]] = {  # the settings that name files or folders, by their flag
+        "out": "--out", "bbox": "--bbox", "classes": "--classes", "images": "--images", "image_root": "--image-root",
+        "folder": "--from-folder", "exclude_candidates": "--exclude-candidates"}
+
+    def with_absolute_paths(self) -> "BackgroundConfig":
+        """Local paths made absolute: the pool's ``uri`` column is read by builds run from anywhere."""
+        return self.model_copy(update={key: storage.absolute(getattr(self, key)) for key in self.PATH_KEYS
+                                       if getattr(self, key) is not None})
 
     @model_validator(mode="after")
     def _one_source(self) -> "BackgroundConfig":
@@ -250,6 +262,14 @@ def pool_id(pool_bytes: bytes) -> str:
 
 
 def build_pool(config: BackgroundConfig) -> PoolReport:
+    """The pool, its local paths made absolute, its output folder checked against the inputs and locked."""
+    config = config.with_absolute_paths()
+    refuse_overlap(config.out, {flag: getattr(config, key) for key, flag in config.PATH_KEYS.items() if key != "out"})
+    with OutputLock(config.out, "backgrounds"):
+        return _build_pool_locked(config)
+
+
+def _build_pool_locked(config: BackgroundConfig) -> PoolReport:
     rejects = None
     if config.bbox:
         pool, funnel = select_openimages(config)
@@ -279,6 +299,10 @@ def read_pool(folder: str) -> tuple[str, list[str]]:
     missing = int(table["uri"].isna().sum())
     if missing:
         raise InputError(f"{uri}: {missing} backgrounds have no URI (rebuild the pool with --images or --image-root)")
+    relative = [path for path in table["uri"] if not storage.is_remote(path) and not os.path.isabs(path)]
+    if relative:  # relative to a working directory this command cannot know: every background would fail
+        raise InputError(f"{uri}: {len(relative)} backgrounds have relative paths ({relative[0]}); rebuild the pool "
+                         "with this version, which stores absolute paths")
     return pool_id(data), table["uri"].tolist()
 
 

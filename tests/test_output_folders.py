@@ -224,3 +224,36 @@ def test_compact_replaces_its_own_earlier_or_interrupted_run_and_deletes_only_wh
     with OutputLock(str(out), "shards compact"):
         with pytest.raises(InputError, match="in use by `subjectpairs shards compact`"):
             compact_shards(str(source), str(exclude), str(out))
+
+
+def test_a_background_pool_works_from_any_directory_and_never_lands_in_its_photos(tmp_path, monkeypatch):
+    import pandas as pd
+    from PIL import Image
+
+    from subjectpairs.curation.backgrounds import BackgroundConfig, build_pool
+    from subjectpairs.pipelines.composite import BackgroundPool
+
+    made_in = tmp_path / "made-here"
+    (made_in / "photos").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (20, 120, 40)).save(made_in / "photos" / "grass.jpg")
+    monkeypatch.chdir(made_in)
+    build_pool(BackgroundConfig(folder="photos", out="pool", min_side=32))
+    for out in ("photos", "photos/pool"):
+        with pytest.raises(InputError, match="--from-folder"):
+            build_pool(BackgroundConfig(folder="photos", out=out, min_side=32))
+    assert sorted(p.name for p in (made_in / "photos").iterdir()) == ["grass.jpg"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    pool = BackgroundPool.from_entries([str(made_in / "pool")])
+    assert pool.uris == (str(made_in / "photos" / "grass.jpg"),)
+    uri, background = pool.background_for(0, "key", (32, 32))
+    assert background.shape == (32, 32, 3)
+    # a pool an earlier version wrote with relative paths is a clear error, not a build of background_errors
+    table = pd.read_parquet(made_in / "pool" / "backgrounds.parquet")
+    table.assign(uri="photos/grass.jpg").to_parquet(made_in / "pool" / "backgrounds.parquet")
+    with pytest.raises(InputError, match="relative paths"):
+        BackgroundPool.from_entries([str(made_in / "pool")])
+    with OutputLock(str(tmp_path / "locked"), "backgrounds"):
+        with pytest.raises(InputError, match="in use by `subjectpairs backgrounds`"):
+            build_pool(BackgroundConfig(folder=str(made_in / "photos"), out=str(tmp_path / "locked")))

@@ -475,16 +475,13 @@ def run_candidate_filter(config: BuildConfig) -> str:
 
 def _start_ray(address: str | None) -> bool:
     """Connect to ``address`` (or RAY_ADDRESS), else start Ray in this process. True if we started it."""
-    import ray
+    from subjectpairs.raycluster import start_ray
 
-    if ray.is_initialized():
-        return False
     # One thread per library in each worker: Ray gives every task one core, parallelism comes from tasks.
     threads = {name: "1" for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                       "MKL_NUM_THREADS")}
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": threads})
-    return True
+    return start_ray(address, include_dashboard=False, logging_level="WARNING",
+                     runtime_env={"env_vars": threads})
 
 
 def refuse_overwriting_inputs(config: BuildConfig) -> None:

@@ -17,6 +17,8 @@ import numpy as np
 
 from subjectpairs import storage
 from subjectpairs.errors import InputError
+from subjectpairs.guards import OutputLock, refuse_overlap
+from subjectpairs.raycluster import start_ray
 from subjectpairs.pipelines.shards import publish_file
 
 from .data import (
@@ -99,16 +101,25 @@ def encode_shard(shard: ShardInfo, out: str, vae, target_size: int, batch_size: 
 
 def write_latents(shards: list[str], out: str, source: VaeSource, batch_size: int = 32,
                   address: str | None = None) -> dict:
-    """Latent shards for every pair shard, one Ray task per shard (on a GPU where the cluster has one)."""
+    """Latent shards for every pair shard, one Ray task per shard (on a GPU where the cluster has one), into
+    an ``out`` checked against the inputs and locked for the run."""
+    for spec in shards:
+        refuse_overlap(out, {"--shards": spec})
+    local_init = source.init is not None and (storage.is_remote(source.init) or Path(source.init).exists())
+    refuse_overlap(out, {"--init": source.init if local_init else None})  # a hub id is no folder of ours
+    with OutputLock(out, "latents"):
+        return _write_latents_locked(shards, out, source, batch_size, address)
+
+
+def _write_latents_locked(shards: list[str], out: str, source: VaeSource, batch_size: int,
+                          address: str | None) -> dict:
     import ray
 
     out = storage.absolute(out)
     pair_shards = resolve_shards([storage.absolute(spec) for spec in shards])
     if not pair_shards:
         raise InputError(f"no pair shards in {', '.join(shards)}")
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        ray.init(address=address, include_dashboard=False)
+    owns_ray = start_ray(address, include_dashboard=False)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
     @ray.remote(num_gpus=gpus, max_retries=2)

@@ -26,6 +26,8 @@ import yaml
 from subjectpairs import storage
 from subjectpairs.configfile import config_yaml
 from subjectpairs.errors import InputError
+from subjectpairs.guards import OutputLock, refuse_overlap
+from subjectpairs.raycluster import start_ray
 
 from .config import TrainConfig
 
@@ -394,6 +396,19 @@ class TrainReport:
 
 
 def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
+    """Training, its run folder checked against the inputs and locked by the driver for the whole run (the
+    Ray Train workers write checkpoints into it under that lock)."""
+    for flag, inputs in (("--shards", config.shards), ("--latents", config.latents or [])):
+        for uri in inputs:
+            refuse_overlap(config.out, {flag: uri})
+    refuse_overlap(config.out, {"--exclude": config.exclude, **{  # hub ids are no folders of ours
+        f"--{name.replace('_', '-')}": value for name in ("init", "stable_diffusion", "qformer")
+        if (value := getattr(config, name)) is not None and _is_folder_uri(value)}})
+    with OutputLock(config.out, "train"):
+        return _train_locked(config, progress)
+
+
+def _train_locked(config: TrainConfig, progress: bool) -> TrainReport:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -402,10 +417,8 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     config = config.with_absolute_paths()
     resumed_from = prepare_run(config)
     _save_base(config)
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        ray.init(address=config.address, include_dashboard=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    owns_ray = start_ray(config.address, include_dashboard=False,
+                         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     gpus = config.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0

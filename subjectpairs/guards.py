@@ -139,7 +139,7 @@ class OutputLock:
     def _acquire_local(self) -> None:
         path = storage.local_path(self.uri)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            storage.make_folder(self.out)  # an --out that is or lies under a file: one line that says so
             # the record is written whole under a private name and linked into place: the lock never exists
             # half written, so a torn one can only be left by a process that died (and is rightly stale)
             written = path.with_name(f"{LOCK_FILE}.{self.token}")

@@ -257,3 +257,39 @@ def test_a_background_pool_works_from_any_directory_and_never_lands_in_its_photo
     with OutputLock(str(tmp_path / "locked"), "backgrounds"):
         with pytest.raises(InputError, match="in use by `subjectpairs backgrounds`"):
             build_pool(BackgroundConfig(folder=str(made_in / "photos"), out=str(tmp_path / "locked")))
+
+
+def test_latents_train_and_export_never_write_over_their_inputs(tmp_path):
+    from subjectpairs.training.config import TrainConfig
+    from subjectpairs.training.export import export_run
+    from subjectpairs.training.latents import VaeSource, write_latents
+    from subjectpairs.training.trainer import run_training
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "pairs-000000.tar").write_bytes(b"the pairs")
+    (shards / "manifest.json").write_text("{}")
+    before = files_in(shards)
+    for out in (shards, shards / "latents", tmp_path):
+        with pytest.raises(InputError, match="--shards"):
+            write_latents([str(shards)], str(out), VaeSource("tiny", None, 0))
+        with pytest.raises(InputError, match="--shards"):
+            run_training(TrainConfig(shards=[str(shards)], out=str(out), model="tiny"), progress=False)
+    (tmp_path / "model").mkdir()
+    with pytest.raises(InputError, match="lies inside --init"):
+        run_training(TrainConfig(shards=[str(shards)], out=str(tmp_path / "model" / "run"), init=str(tmp_path / "model")),
+                     progress=False)
+    assert not (tmp_path / "model" / "run").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"shards": [str(shards)], "out": "/gone/run", "model": "tiny"}))
+    for out in (run, run / "exported"):
+        with pytest.raises(InputError, match="RUN"):
+            export_run(str(run), str(out))
+    assert files_in(shards) == before and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    with OutputLock(str(tmp_path / "latents"), "latents"):
+        with pytest.raises(InputError, match="in use by `subjectpairs latents`"):
+            write_latents([str(shards)], str(tmp_path / "latents"), VaeSource("tiny", None, 0))
+    with OutputLock(str(tmp_path / "run2"), "train"):
+        with pytest.raises(InputError, match="in use by `subjectpairs train`"):
+            run_training(TrainConfig(shards=[str(shards)], out=str(tmp_path / "run2"), model="tiny"), progress=False)

@@ -9,6 +9,7 @@ import yaml
 
 from subjectpairs import storage
 from subjectpairs.errors import InputError
+from subjectpairs.guards import OutputLock, refuse_overlap
 
 from .config import TrainConfig
 from .trainer import (
@@ -29,10 +30,20 @@ def run_config(run: str) -> TrainConfig:
 
 def export_run(run: str, out: str, step: int | None = None) -> str:
     """The run's starting weights with the checkpoint's trainable weights on top, saved in the diffusers
-    layout to ``out``; returns the checkpoint used."""
+    layout to ``out``, which is checked against the run and its starting weights and locked for the export;
+    returns the checkpoint used."""
+    refuse_overlap(out, {"RUN": run})
+    # the run's own folder, wherever it lies now (config.yaml names the folder the run was made in)
+    config = run_config(run).model_copy(update={"out": run})
+    init = config.init if config.init is not None and storage.exists(config.init) else None
+    refuse_overlap(out, {"the run's --init": init})
+    with OutputLock(out, "export"):
+        return _export_locked(run, out, step, config)
+
+
+def _export_locked(run: str, out: str, step: int | None, config: TrainConfig) -> str:
     from safetensors.torch import load
 
-    config = run_config(run)
     checkpoint = storage.join(run, checkpoint_name(step)) if step is not None else latest_checkpoint(run)
     if checkpoint is None or not storage.exists(storage.join(checkpoint, TRAINABLE_FILE)):
         raise InputError(f"{run}: no checkpoint{f' at step {step}' if step is not None else ''} to export")

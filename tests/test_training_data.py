@@ -177,11 +177,39 @@ def test_corrupt_samples_and_broken_shards_are_skipped_and_counted(tmp_path):
     arrived_from_truncated = set(keys) & set(broken.keys[names[1]])
     assert 0 < len(arrived_from_truncated) < 8
     assert batches.position.corrupt == 2
-    assert batches.bad_shards == {str(truncated), str(short), missing.uri}
+    assert batches.position.bad_shards == sorted([str(truncated), str(short), missing.uri])
 
 
-def rewrite_shard(path: Path, replace: dict[str, dict] | None = None, drop: str | None = None) -> None:
-    """Rewrite a shard with members replaced (None removes one) or one sample left out."""
+def test_samples_skipped_after_a_streams_last_full_batch_are_counted(tmp_path):
+    """8 samples, 3 corrupt, batches of 4: whichever order the shuffle gives, one batch of 4 arrives and
+    every corrupt sample is read before the stream ends, after that batch or before it."""
+    shards = write_pair_shards(tmp_path / "tail", counts=(8,))
+    (name, keys), = shards.keys.items()
+    rewrite_shard(shards.folder / name, replace={key: {"input.jpg": b"not a jpeg"} for key in keys[-3:]})
+    for num_workers in (0, 1):
+        batches = reader(resolve_shards([str(shards.folder)]), num_workers=num_workers, batch_size=4)
+        assert len(read_epoch(batches)) == 1
+        assert batches.position.corrupt == 3
+
+
+def test_a_key_with_a_dot_is_a_counted_skip_named_in_the_log(tmp_path, caplog):
+    """webdataset cuts member names at the first dot: ``x.y.input.jpg`` would be member ``y.input.jpg`` of a
+    sample ``x``, which decoding never saw."""
+    shards = write_pair_shards(tmp_path / "dotted", counts=(6,))
+    (name, keys), = shards.keys.items()
+    dotted = keys[1] + ".y"
+    rewrite_shard(shards.folder / name, rename={keys[1]: dotted})
+    batches = reader(resolve_shards([str(shards.folder)]), batch_size=1)
+    with caplog.at_level("WARNING", logger="subjectpairs.training.data"):
+        read = {key for batch in read_epoch(batches) for key in batch["keys"]}
+    assert read == set(keys) - {keys[1]}
+    assert batches.position.corrupt == 1
+    assert dotted in caplog.text and "not valid" in caplog.text
+
+
+def rewrite_shard(path: Path, replace: dict[str, dict] | None = None, drop: str | None = None,
+                  rename: dict[str, str] | None = None) -> None:
+    """Rewrite a shard with members replaced (None removes one), one sample left out or keys renamed."""
     samples = list(wds.WebDataset(str(path), shardshuffle=False))
     with wds.TarWriter(str(path), encoder=False) as writer:
         for sample in samples:
@@ -189,7 +217,7 @@ def rewrite_shard(path: Path, replace: dict[str, dict] | None = None, drop: str 
                 continue
             members = {name: value for name, value in sample.items() if not name.startswith("__")}
             members.update((replace or {}).get(sample["__key__"], {}))
-            writer.write({"__key__": sample["__key__"],
+            writer.write({"__key__": (rename or {}).get(sample["__key__"], sample["__key__"]),
                           **{name: value for name, value in members.items() if value is not None}})
 
 
@@ -228,6 +256,8 @@ def stream_samples(shards, **overrides) -> dict[str, dict]:
                 "input_size": INPUT_SIZE, "target_size": TARGET_SIZE, "shuffle_buffer": 8, **overrides}
     samples = {}
     for batch in PairStream(shards, **settings):
+        if "end" in batch:
+            continue
         for i, key in enumerate(batch["keys"]):
             samples[key] = {name: batch[name][i]
                             for name in ("pixel_values", "target", "captions", "categories")}

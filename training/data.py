@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from subjectpairs import storage
+from subjectpairs.identifiers import check_sample_key
 from subjectpairs.seeds import stable_seed
 # the exclude-file parser the build and `shards compact` share; re-exported for the trainer
 from subjectpairs.pipelines.shards import read_exclude  # noqa: F401
@@ -193,6 +194,7 @@ class StreamPosition:
     batches: int = 0  # batches this rank consumed in this epoch
     raw: list[int] = field(default_factory=list)  # per logical worker: raw (post-shuffle) samples consumed
     corrupt: int = 0  # corrupt samples skipped so far, all epochs: a metric, not needed to resume
+    bad_shards: list[str] = field(default_factory=list)  # shards that failed to open or broke off: the same
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,7 +202,8 @@ class StreamPosition:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamPosition:
         return cls(epoch=int(d.get("epoch", 0)), batches=int(d.get("batches", 0)),
-                   raw=[int(n) for n in d.get("raw", [])], corrupt=int(d.get("corrupt", 0)))
+                   raw=[int(n) for n in d.get("raw", [])], corrupt=int(d.get("corrupt", 0)),
+                   bad_shards=[str(uri) for uri in d.get("bad_shards", [])])
 
 
 def encode_latent(latent: np.ndarray) -> bytes:
@@ -233,7 +236,8 @@ class PairStream(IterableDataset):
     ``latents``, ``latents`` (B, 8, target_size // 8, target_size // 8), ``captions``, ``categories``,
     ``worker`` (the logical worker), ``position`` (raw samples it consumed after this batch, skipped ones
     included), ``corrupt`` (corrupt samples it skipped) and ``bad_shards`` (shards that failed to open or
-    broke off). A partial last batch is dropped.
+    broke off). A partial last batch is dropped; the stream ends with ``{"end": True, "worker", "corrupt",
+    "bad_shards"}``.
     """
 
     def __init__(
@@ -287,6 +291,8 @@ class PairStream(IterableDataset):
             if len(batch) == self.batch_size:
                 yield self._collate(batch, worker, position, counts)
                 batch = []
+        # The stream's last word, in its turn: the samples skipped after its last full batch count too.
+        yield {"end": True, "worker": worker, "corrupt": counts.corrupt, "bad_shards": list(counts.bad_shards)}
 
     def _shuffled(self, worker: int, counts: _StreamCounts) -> Iterator[dict[str, Any]]:
         rng = random.Random(stable_seed("shuffle", self.seed, self.epoch, self.rank, worker))
@@ -304,7 +310,7 @@ class PairStream(IterableDataset):
             yield from (sample for sample in samples if sample["__key__"] not in self.exclude)
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
-        key = sample["__key__"]
+        key = check_sample_key(sample["__key__"], "sample key")  # a bad key also names bad member files
         meta = json.loads(sample[META_MEMBER])
         rng = np.random.default_rng(stable_seed("sample", self.seed, self.epoch, key))
         decoded = {
@@ -338,12 +344,36 @@ class PairStream(IterableDataset):
 
 def iter_shard(uri: str, members: frozenset[str] | None) -> Iterator[dict[str, Any]]:
     """A shard's samples in tar order: ``__key__`` and the named members (bytes), the others skipped
-    unread (None: every member, for a reader that names what it cannot use). Raises when the shard does
-    not open or breaks off."""
+    unread (None: every member, for a reader that names what it cannot use). With named members, a key
+    with a dot comes out whole, for the reader to refuse by the sample-key grammar. Raises when the shard
+    does not open or breaks off."""
     with storage.open_input_stream(uri) as stream:
         files = tar_file_expander([{"url": uri, "stream": stream}], select_files=None if members is None else
-                                  lambda name: name.partition(".")[2].lower() in members)
-        yield from group_by_keys(files)
+                                  functools.partial(_is_named_member, members=members))
+        for sample in group_by_keys(files):
+            yield from [sample] if members is None else _split_dotted_keys(sample, members)
+
+
+def _is_named_member(name: str, members: frozenset[str]) -> bool:
+    """A file of one of ``members``: ``<key>.<member>``, the key possibly with dots of its own."""
+    lowered = name.lower()
+    return any(lowered.endswith("." + member) for member in members)
+
+
+def _split_dotted_keys(sample: dict[str, Any], members: frozenset[str]) -> list[dict[str, Any]]:
+    """webdataset cuts member names at the first dot, so the members of a key ``a.b`` arrive as
+    ``b.input.jpg``, ``b.json`` of a sample ``a`` (with ``a``'s own when they follow it in the tar): the
+    sample with its own members, if it has any, then one sample per dotted key, named by its whole key."""
+    internal = {name: value for name, value in sample.items() if name.startswith("__")}
+    own = {name: value for name, value in sample.items() if name in members}
+    dotted: dict[str, dict[str, Any]] = {}
+    for name, value in sample.items():
+        if name.startswith("__") or name in members:
+            continue
+        member = next(m for m in members if name.endswith("." + m))
+        dotted.setdefault(f"{sample['__key__']}.{name[:-len(member) - 1]}", {})[member] = value
+    split = [{**internal, **own}] if own else []
+    return split + [{**internal, "__key__": key, **found} for key, found in sorted(dotted.items())]
 
 
 def _shard_samples(uri: str, members: frozenset[str], expected: int | None,
@@ -484,11 +514,10 @@ class BatchReader:
         start = position or StreamPosition()
         # A copy: the caller's checkpoint object stays as it was.
         self.position = StreamPosition(start.epoch, start.batches, list(start.raw) or [0] * self.workers,
-                                       start.corrupt)
+                                       start.corrupt, list(start.bad_shards))
         if len(self.position.raw) != self.workers:
             raise ValueError(f"the position has {len(self.position.raw)} workers' counts, the reader "
                              f"{self.workers}: resume with the same num_workers")
-        self.bad_shards: set[str] = set()  # shards that failed to open or broke off, for metrics
         # Everything of the streams but the epoch and the place to resume from, which change.
         self._stream = functools.partial(
             PairStream, shards, rank=rank, world_size=world_size, num_workers=num_workers,
@@ -515,16 +544,21 @@ class BatchReader:
         if self._batches is None:
             return None
         batch = next(self._batches, None)
-        if batch is None or batch["worker"] != self.position.batches % self.workers:
+        if batch is not None:
+            self._count_skips(batch)
+        if batch is None or "end" in batch or batch["worker"] != self.position.batches % self.workers:
             self._batches = None  # drops the DataLoader iterator, which shuts its workers down
             return None
-        worker = batch["worker"]
         self.position.batches += 1
-        self.position.raw[worker] = batch["position"]
-        self.position.corrupt += batch["corrupt"] - self._corrupt_seen[worker]
-        self._corrupt_seen[worker] = batch["corrupt"]
-        self.bad_shards.update(batch["bad_shards"])
+        self.position.raw[batch["worker"]] = batch["position"]
         return batch
+
+    def _count_skips(self, item: dict[str, Any]) -> None:
+        """Adds what a batch or a stream's end record skipped since that stream's last word."""
+        worker = item["worker"]
+        self.position.corrupt += item["corrupt"] - self._corrupt_seen[worker]
+        self._corrupt_seen[worker] = item["corrupt"]
+        self.position.bad_shards = sorted({*self.position.bad_shards, *item["bad_shards"]})
 
     def start_next_epoch(self) -> None:
         self._batches = None

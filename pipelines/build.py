@@ -502,23 +502,40 @@ def refuse_overwriting_inputs(config: BuildConfig) -> None:
         refuse_overlap(config.out, {"--backgrounds": entry})
 
 
+@dataclass
+class BuildPlan:
+    candidates: list[Candidate]
+    plans: list[ChunkPlan]  # every candidate, excluded ones too
+    to_build: list[ChunkPlan]  # the plans less the excluded candidates
+    excluded: list[Rejection]
+
+
+def plan_build(config: BuildConfig) -> BuildPlan:
+    """The candidates (from the table, or from the filter stage), their chunks and the exclusions."""
+    candidates = load_candidates(config.candidates or run_candidate_filter(config), config.images, config.limit)
+    plans = plan_chunks(candidates, config.shards.samples)
+    to_build, excluded = exclude_candidates(config, plans)
+    return BuildPlan(candidates, plans, to_build, excluded)
+
+
 def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bool = True) -> BuildReport:
     """The build job (see the module docstring), with every local path made absolute, and its output folder
     checked against the inputs and locked for the whole run."""
+    started = time.perf_counter()
     config = config.with_absolute_paths()
     refuse_overwriting_inputs(config)
+    # A given candidates table is read and checked before the output folder is touched, so bad input leaves
+    # no folder behind; the filter stage writes inside the output folder, so it runs under the lock.
+    planned = plan_build(config) if config.candidates is not None else None
     with OutputLock(config.out, "build"):
-        return _build_locked(config, overwrite, show_progress)
+        return _build_locked(config, planned or plan_build(config), overwrite, show_progress, started)
 
 
-def _build_locked(config: BuildConfig, overwrite: bool, show_progress: bool) -> BuildReport:
+def _build_locked(config: BuildConfig, planned: BuildPlan, overwrite: bool, show_progress: bool,
+                  started: float) -> BuildReport:
     import ray
 
-    started = time.perf_counter()
-    candidates_uri = config.candidates or run_candidate_filter(config)
-    candidates = load_candidates(candidates_uri, config.images, config.limit)
-    plans = plan_chunks(candidates, config.shards.samples)
-    to_build, excluded = exclude_candidates(config, plans)
+    candidates, plans, to_build, excluded = planned.candidates, planned.plans, planned.to_build, planned.excluded
     prepare_output(config, overwrite)
     records, retried = recorded_chunks(config, to_build)
     resumed = len(records)

@@ -94,10 +94,16 @@ def test_a_new_build_starts_in_an_empty_folder_or_beside_its_filter_stage(tmp_pa
 
 
 def test_a_second_build_into_a_folder_in_use_stops_naming_the_first(tmp_path):
+    import pandas as pd
+
+    candidates = tmp_path / "candidates.parquet"
+    pd.DataFrame({"image_id": ["000a1249af2bc5f0"], "label_mid": ["/m/01yrx"], "category": ["Cat"], "xmin": [0.1],
+                  "xmax": [0.9], "ymin": [0.1], "ymax": [0.9], "url": ["http://127.0.0.1:9/x.jpg"]}
+                 ).to_parquet(candidates)
     out = tmp_path / "out"
     with OutputLock(str(out), "build"):
         with pytest.raises(InputError, match=r"in use by `subjectpairs build` \(pid \d+"):
-            run_build(build_config(out), show_progress=False)
+            run_build(build_config(out, candidates=str(candidates)), show_progress=False)
     assert [p.name for p in out.iterdir()] == []  # nothing written, not even config.yaml
 
 

@@ -16,7 +16,10 @@ from subjectpairs.training.config import TrainConfig
 from subjectpairs.training.export import export_run
 from subjectpairs.training.latents import VaeSource, check_latents, write_latents
 from subjectpairs.training.model import BlipDiffusion
-from subjectpairs.training.trainer import RunInUse, latest_checkpoint, load_run_model, run_training
+from subjectpairs.training import trainer
+from subjectpairs.training.trainer import (
+    RunInUse, latest_checkpoint, load_run_model, mark_complete, prepare_run, run_training,
+)
 from pair_shards import Dataset, write_pair_shards
 
 pytestmark = pytest.mark.timeout(600)
@@ -81,20 +84,106 @@ def test_two_workers_see_disjoint_samples_in_equal_steps_and_never_an_excluded_k
     assert not (set(seen0) | set(seen1)) & excluded
     checkpoint = Path(latest_checkpoint(str(out)))
     assert checkpoint.name == "step-00000004"
-    assert {p.name for p in checkpoint.iterdir()} >= {"trainable.safetensors", "optimizer.pt",
+    assert {p.name for p in checkpoint.iterdir()} >= {"trainable.safetensors", "optimizer.pt", "complete.json",
                                                       "trainer_state.json", "rank-00000.pt", "rank-00001.pt"}
 
 
 def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(ray_local, shards, tmp_path):
-    """12 steps straight, against 6 steps then --resume to 12: the data crosses an epoch boundary (24
-    samples, 4 per step), and dropout, noise, timesteps and subject dropping all draw random numbers."""
+    """12 steps straight, against a run stopped at the first epoch's last step, resumed to a step inside the
+    second epoch, then resumed to 12: the data crosses an epoch boundary (24 samples, 4 per step), and
+    dropout, noise, timesteps and subject dropping all draw random numbers."""
     straight = train(ray_local, shards, tmp_path / "straight", max_steps=12, checkpoint_every=3)
-    first = train(ray_local, shards, tmp_path / "resumed", max_steps=6, checkpoint_every=3)
+    epoch_end = max(m["step"] for m in straight if m["epoch"] == 0)
+    assert 3 < epoch_end < 9
+    first = train(ray_local, shards, tmp_path / "resumed", max_steps=epoch_end, checkpoint_every=3)
+    train(ray_local, shards, tmp_path / "resumed", max_steps=epoch_end + 2, checkpoint_every=3, resume=True)
     resumed = train(ray_local, shards, tmp_path / "resumed", max_steps=12, checkpoint_every=3, resume=True)
     assert [m["step"] for m in resumed] == list(range(1, 13))
-    assert [m["loss"] for m in first] == [m["loss"] for m in straight[:6]]
-    assert [m["loss"] for m in resumed[6:]] == [m["loss"] for m in straight[6:]]
-    assert max(m["epoch"] for m in straight) >= 1
+    assert [m["loss"] for m in first] == [m["loss"] for m in straight[:epoch_end]]
+    assert [m["loss"] for m in resumed[epoch_end:]] == [m["loss"] for m in straight[epoch_end:]]
+    assert all(m["corrupt_samples"] == 0 and m["corrupt_shards"] == [] for m in resumed)
+
+
+def fake_checkpoint(run: Path, step: int, whole: bool = True) -> Path:
+    folder = run / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    for name in ("trainable.safetensors", "optimizer.pt", "rank-00000.pt", "rank-00001.pt"):
+        (folder / name).write_bytes(bytes(100 + step))
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    if whole:
+        mark_complete(str(folder))
+    return folder
+
+
+def run_config(tmp_path: Path, **settings) -> TrainConfig:
+    return TrainConfig.model_validate({"shards": [str(tmp_path / "pairs")], "out": str(tmp_path / "run"),
+                                       "model": "tiny", "workers": 2, **settings})
+
+
+def test_resume_starts_from_the_newest_whole_checkpoint_and_removes_the_broken(tmp_path, caplog):
+    """A checkpoint cut short, or one the run stopped writing before its completion record (a crash
+    before Ray's own record too), is passed by with a warning naming it: the step printed and the
+    checkpoint the workers load (latest_checkpoint) are the same one."""
+    run = tmp_path / "run"
+    assert prepare_run(run_config(tmp_path)) == 0
+    for step in (2, 4):
+        fake_checkpoint(run, step)
+    truncated = fake_checkpoint(run, 6) / "optimizer.pt"
+    truncated.write_bytes(truncated.read_bytes()[:50])
+    fake_checkpoint(run, 8, whole=False)
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's list, naming step 8 at most
+    with pytest.raises(RunInUse, match="step-00000008"):
+        prepare_run(run_config(tmp_path))
+    with caplog.at_level("WARNING", logger="subjectpairs.training.trainer"):
+        assert prepare_run(run_config(tmp_path, resume=True, keep_checkpoints=1)) == 4
+    assert "step-00000006" in caplog.text and "optimizer.pt has 50 bytes of 106" in caplog.text
+    assert "step-00000008" in caplog.text and "never finished" in caplog.text
+    assert latest_checkpoint(str(run)) == str(run / "step-00000004")
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "step-00000004"]
+
+
+def test_resume_without_a_whole_checkpoint_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    prepare_run(run_config(tmp_path))
+    (fake_checkpoint(run, 2) / "rank-00001.pt").unlink()
+    with pytest.raises(InputError, match=r"no whole checkpoint to resume from \(step-00000002: rank-00001.pt "
+                                         r"is missing\)") as error:
+        prepare_run(run_config(tmp_path, resume=True))
+    assert "\n" not in str(error.value)
+
+
+def test_bad_data_flags_fail_in_the_driver_and_leave_nothing_in_the_way(tmp_path, dataset):
+    """Before Ray starts: one line each, and the corrected command then finds the folder free."""
+    run = tmp_path / "run"
+    base = {"shards": [str(dataset.folder)], "out": str(run), "model": "tiny", "workers": 2, "loader_workers": 1,
+            "batch_size": 2, "max_steps": 1}
+    mistakes = [({"shards": [str(tmp_path / "nowhere")]}, "--shards: .*nowhere"),
+                ({"exclude": str(tmp_path / "rejects.txt")}, "--exclude .*rejects.txt: no such file"),
+                ({"batch_size": 13}, "leave one with 1[12] samples, less than a batch of 13"),
+                ({"init": str(tmp_path / "model")}, "--init .*model: no such folder")]
+    for settings, message in mistakes:
+        with pytest.raises(InputError, match=message):
+            run_training(TrainConfig.model_validate({**base, **settings}), progress=False)
+        assert not run.exists() or not [p for p in run.iterdir() if not p.name.startswith(".subjectpairs")]
+    assert prepare_run(TrainConfig.model_validate(base)) == 0
+
+
+def test_a_start_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_was(tmp_path, dataset,
+                                                                                   monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+
+    def fails(config, resumed_from, progress):
+        (run / "metrics.jsonl").write_text('{"step": 1}\n')
+        raise RuntimeError("the workers failed")
+
+    monkeypatch.setattr(trainer, "_fit", fails)
+    config = {"shards": [str(dataset.folder)], "out": str(run), "model": "tiny", "workers": 2, "batch_size": 2}
+    with pytest.raises(RuntimeError, match="workers failed"):
+        run_training(TrainConfig.model_validate(config), progress=False)
+    assert [p.name for p in run.iterdir() if not p.name.startswith(".subjectpairs")] == ["notes.txt"]
+    assert prepare_run(TrainConfig.model_validate(config)) == 0
 
 
 def test_a_run_folder_is_not_reused_by_accident(ray_local, shards, two_worker_run):

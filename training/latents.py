@@ -17,6 +17,7 @@ import numpy as np
 
 from subjectpairs import storage
 from subjectpairs.errors import InputError
+from subjectpairs.identifiers import check_sample_key
 from subjectpairs.guards import OutputLock, refuse_overlap
 from subjectpairs.raycluster import start_ray
 from subjectpairs.pipelines.shards import publish_file
@@ -84,9 +85,10 @@ def encode_shard(shard: ShardInfo, out: str, vae, target_size: int, batch_size: 
                     keys.append(key)
                 batch.clear()
 
-            for sample in iter_shard(shard.uri, frozenset({TARGET_MEMBER})):
+            for sample in _readable_samples(shard.uri, frozenset({TARGET_MEMBER})):
                 try:
-                    batch.append((sample["__key__"], target_pixels(sample[TARGET_MEMBER], target_size)))
+                    batch.append((check_sample_key(sample["__key__"], "sample key"),
+                                  target_pixels(sample[TARGET_MEMBER], target_size)))
                 except Exception as exc:  # no latent for it: training skips the pair and counts it
                     skipped.append({"key": sample["__key__"], "reason": f"{type(exc).__name__}: {exc}"})
                     continue
@@ -97,6 +99,14 @@ def encode_shard(shard: ShardInfo, out: str, vae, target_size: int, batch_size: 
         publish_file(str(local), storage.join(out, name))
     return {"name": name, "samples": len(keys), "first_key": keys[0] if keys else None,
             "last_key": keys[-1] if keys else None, "skipped": skipped}
+
+
+def _readable_samples(uri: str, members: frozenset[str]):
+    """:func:`iter_shard`, with a shard that does not open or breaks off an InputError naming it."""
+    try:
+        yield from iter_shard(uri, members)
+    except Exception as exc:  # tarfile, pyarrow and fsspec raise many types for a broken or missing file
+        raise InputError(f"{uri}: cannot read the shard ({type(exc).__name__}: {exc})") from exc
 
 
 def write_latents(shards: list[str], out: str, source: VaeSource, batch_size: int = 32,
@@ -133,6 +143,10 @@ def _write_latents_locked(shards: list[str], out: str, source: VaeSource, batch_
     vae = source.load()
     try:
         entries = ray.get([encode.remote(shard) for shard in pair_shards])
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, InputError):  # its one line, not the task's traceback
+            raise exc.cause from None
+        raise
     finally:
         if owns_ray:
             ray.shutdown()

@@ -10,6 +10,7 @@ resumed run continues with the very batches, noise and dropout an uninterrupted 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -26,7 +27,7 @@ import yaml
 from subjectpairs import storage
 from subjectpairs.configfile import config_yaml
 from subjectpairs.errors import InputError
-from subjectpairs.guards import OutputLock, refuse_overlap
+from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from subjectpairs.raycluster import start_ray
 
 from .config import TrainConfig
@@ -38,6 +39,13 @@ CHECKPOINT_PREFIX = "step-"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
+# Written last, once every rank's files are stored: the checkpoint's files and their sizes. A checkpoint
+# is whole when it is there and every file it lists has that size; anything else is a checkpoint the run
+# stopped writing (or that was cut short or deleted in part since), and resuming passes it by.
+COMPLETE_FILE = "complete.json"
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's own list of the run's checkpoints
+
+log = logging.getLogger(__name__)
 
 
 class RunInUse(InputError):
@@ -48,18 +56,57 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
-def latest_checkpoint(run: str) -> str | None:
-    """The newest complete checkpoint folder of a run (one with the trainer state written)."""
+@dataclass(frozen=True)
+class CheckpointScan:
+    """A run's checkpoint folders: the whole ones, oldest first, and why each other one is not whole."""
+
+    whole: list[str]
+    broken: dict[str, str]
+
+
+def scan_checkpoints(run: str) -> CheckpointScan:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(run)
     if not fs.exists(path):
-        return None
-    steps = sorted(p for p in fs.ls(path, detail=False) if Path(p).name.startswith(CHECKPOINT_PREFIX)
-                   and fs.exists(f"{p}/{STATE_FILE}"))
-    if not steps:
-        return None
-    return storage.join(run, Path(steps[-1]).name)
+        return CheckpointScan([], {})
+    folders = sorted(Path(p).name for p in fs.ls(path, detail=False) if Path(p).name.startswith(CHECKPOINT_PREFIX))
+    problems = {name: _checkpoint_problem(fs, f"{path.rstrip('/')}/{name}") for name in folders}
+    return CheckpointScan([storage.join(run, name) for name, problem in problems.items() if problem is None],
+                          {storage.join(run, name): problem for name, problem in problems.items() if problem})
+
+
+def _checkpoint_problem(fs, folder: str) -> str | None:
+    """Why a checkpoint folder is not whole, None when it is."""
+    try:
+        written = json.loads(fs.cat_file(f"{folder}/{COMPLETE_FILE}"))["files"]
+    except FileNotFoundError:
+        return f"no {COMPLETE_FILE}: it was never finished"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{COMPLETE_FILE} does not read ({exc})"
+    sizes = {Path(entry["name"]).name: entry["size"] for entry in fs.ls(folder, detail=True)}
+    for name, size in written.items():
+        if name not in sizes:
+            return f"{name} is missing"
+        if sizes[name] != size:
+            return f"{name} has {sizes[name]} bytes of {size}"
+    return None
+
+
+def mark_complete(folder: str) -> None:
+    """Records a checkpoint's files and sizes in ``COMPLETE_FILE``, written last and atomically."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(folder)
+    files = {Path(entry["name"]).name: entry["size"] for entry in fs.ls(path, detail=True)
+             if entry["type"] == "file" and Path(entry["name"]).name != COMPLETE_FILE}
+    storage.publish_bytes(storage.join(folder, COMPLETE_FILE), json.dumps({"files": files}).encode())
+
+
+def latest_checkpoint(run: str) -> str | None:
+    """The newest whole checkpoint folder of a run."""
+    whole = scan_checkpoints(run).whole
+    return whole[-1] if whole else None
 
 
 def base_source(config: TrainConfig) -> str:
@@ -187,14 +234,16 @@ def train_loop(config_dict: dict) -> None:
     torch.manual_seed(stable_seed(config.seed, "rank", rank))
     random.seed(stable_seed(config.seed, "python", rank))
     np.random.seed(stable_seed(config.seed, "numpy", rank) % 2**32)
-    checkpoint = ray.train.get_checkpoint()
+    # The run folder, not Ray's own list, says where to start: at a start the checkpoint the driver named
+    # (and printed), after a worker failure the newest one this run finished.
+    checkpoint = latest_checkpoint(config.out)
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            model.load_trainable_state_dict(load_file(os.path.join(folder, TRAINABLE_FILE), device=str(device)))
-            optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location=device,
-                                                 weights_only=False))
-            step = json.loads(Path(folder, STATE_FILE).read_text())["step"]
-            rank_state = torch.load(os.path.join(folder, f"rank-{rank:05d}.pt"), weights_only=False)
+        folder = _local_folder(checkpoint, scratch)
+        model.load_trainable_state_dict(load_file(os.path.join(folder, TRAINABLE_FILE), device=str(device)))
+        optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location=device,
+                                             weights_only=False))
+        step = json.loads(Path(folder, STATE_FILE).read_text())["step"]
+        rank_state = torch.load(os.path.join(folder, f"rank-{rank:05d}.pt"), weights_only=False)
         _set_rng_state(rank_state["rng"], device)
         position = StreamPosition.from_dict(rank_state["position"])
     network = ray.train.torch.prepare_model(model, move_to_device=False,
@@ -234,8 +283,20 @@ def train_loop(config_dict: dict) -> None:
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=checkpoint_name(step))
         shutil.rmtree(folder, ignore_errors=True)
+        if distributed:
+            dist.barrier()  # every rank's files are stored
+        if rank == 0:
+            mark_complete(storage.join(config.out, checkpoint_name(step)))
 
-    epoch_steps = 0
+    def all_ranks_union(items: list[str]) -> list[str]:
+        gathered = [items] * world
+        if distributed:
+            dist.all_gather_object(gathered, items)
+        return sorted({item for rank_items in gathered for item in rank_items})
+
+    # A checkpoint taken at an epoch's end resumes with that epoch's steps done, as the run went on.
+    epoch_steps = position.batches
+    bad_shard_reports, corrupt_shards = 0.0, []
     while step < config.max_steps:
         started = time.perf_counter()
         batch = reader.next_batch()
@@ -266,10 +327,13 @@ def train_loop(config_dict: dict) -> None:
             keys_log.flush()
         mean_loss = all_ranks(float(loss.detach()), dist.ReduceOp.SUM) / world
         corrupt = all_ranks(float(reader.position.corrupt), dist.ReduceOp.SUM)
+        reports = all_ranks(float(len(reader.position.bad_shards)), dist.ReduceOp.SUM)
+        if reports != bad_shard_reports:  # the names are gathered only when a rank met another broken shard
+            bad_shard_reports, corrupt_shards = reports, all_ranks_union(reader.position.bad_shards)
         seconds = time.perf_counter() - started
         record = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                   "samples_per_s": config.batch_size * world / seconds, "data_wait": waited / seconds,
-                  "epoch": reader.position.epoch, "corrupt_samples": int(corrupt)}
+                  "epoch": reader.position.epoch, "corrupt_samples": int(corrupt), "corrupt_shards": corrupt_shards}
         if rank == 0:
             if step % config.log_every == 0 or step == config.max_steps:
                 metrics.write(record)
@@ -318,25 +382,77 @@ def _progress_actor():
 
 
 def prepare_run(config: TrainConfig) -> int:
-    """Checks the run folder against --resume and writes config.yaml; returns the step to resume from."""
-    latest = latest_checkpoint(config.out)
-    if latest is None:
+    """Checks the run folder against --resume and writes config.yaml; returns the step to resume from: that
+    of the newest whole checkpoint, the one the workers load.
+
+    Checkpoints that are not whole are named in a warning and removed (the resumed run writes those steps
+    again), the whole ones beyond ``keep_checkpoints`` too, and so is Ray Train's own list of checkpoints,
+    which may name removed ones: Ray keeps only those of the coming run.
+    """
+    scan = scan_checkpoints(config.out)
+    names = [Path(uri).name for uri in [*scan.whole, *scan.broken]]
+    if not names:
         if storage.exists(storage.join(config.out, CONFIG_FILE)) and not config.resume:
             raise RunInUse(f"{config.out} holds another run's files; pass --resume to continue it or choose "
                            "another --out")
+        _remove(storage.join(config.out, RAY_SNAPSHOT_FILE))
         storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, "train"))
         return 0
     if not config.resume:
-        raise RunInUse(f"{config.out} already holds checkpoints (latest {Path(latest).name}); pass --resume "
+        raise RunInUse(f"{config.out} already holds checkpoints (latest {max(names)}); pass --resume "
                        "to continue the run, or choose another --out")
+    if not scan.whole:
+        raise InputError(f"{config.out}: no whole checkpoint to resume from ("
+                         + "; ".join(f"{Path(uri).name}: {why}" for uri, why in scan.broken.items())
+                         + "); remove the run folder to start over, or choose another --out")
     previous = TrainConfig.model_validate(yaml.safe_load(storage.read_bytes(storage.join(config.out, CONFIG_FILE))))
     if previous.run_hash() != config.run_hash():
         changed = sorted(k for k, v in config.model_dump().items()
                          if k not in TrainConfig.RESUMABLE_KEYS and previous.model_dump()[k] != v)
         raise RunInUse(f"--resume with settings that change the run's numbers: {', '.join(changed)}")
+    latest = scan.whole[-1]
+    for uri, why in scan.broken.items():
+        log.warning("%s is not a whole checkpoint (%s): removed; the run resumes from %s", uri, why,
+                    Path(latest).name)
+    for uri in [*scan.broken, *scan.whole[:-config.keep_checkpoints], storage.join(config.out, RAY_SNAPSHOT_FILE)]:
+        _remove(uri)
     state = json.loads(storage.read_bytes(storage.join(latest, STATE_FILE)))
     storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, "train"))
     return int(state["step"])
+
+
+def _remove(uri: str) -> None:
+    """Deletes a file or folder tree, if it is there."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def check_data(config: TrainConfig) -> None:
+    """The data flags and the batch plan, checked in the driver before Ray starts: a mistake fails at once
+    in one line instead of in every worker once the cluster is up."""
+    from .data import read_exclude, resolve_shards, smallest_stream
+
+    if config.exclude is not None and (not storage.exists(config.exclude) or storage.is_dir(config.exclude)):
+        raise InputError(f"--exclude {config.exclude}: no such file")
+    exclude = read_exclude(config.exclude)
+    resolved = {}
+    for flag, specs in (("--shards", config.shards), ("--latents", config.latents)):
+        try:
+            resolved[flag] = resolve_shards(specs) if specs else []
+        except ValueError as exc:
+            raise InputError(f"{flag}: {exc}") from exc
+    shards = resolved["--shards"]
+    fewest = smallest_stream(shards, world_size=config.workers, num_workers=config.loader_workers,
+                             seed=config.seed, exclude=exclude)
+    if fewest is not None and fewest < config.batch_size:
+        streams = config.workers * max(config.loader_workers, 1)
+        raise InputError(
+            f"--shards: {len(shards)} shards dealt to {streams} loader streams ({config.workers} workers x "
+            f"{max(config.loader_workers, 1)} loader streams) leave one with {int(fewest)} samples, less than "
+            f"a batch of {config.batch_size}; use fewer workers or loader workers, or a smaller batch")
 
 
 def check_model_sources(config: TrainConfig) -> None:
@@ -357,7 +473,8 @@ def check_model_sources(config: TrainConfig) -> None:
             if missing:
                 raise InputError(f"--{field.replace('_', '-')} {source}: not a model folder (missing "
                                  f"{', '.join(missing)})")
-        elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+        elif (source.startswith((".", "/", "~")) or source.count("/") > 1
+              or (folder.parent.name and folder.parent.is_dir())):  # demo/model where demo/ is a folder here
             raise InputError(f"--{field.replace('_', '-')} {source}: no such folder (and not a hub id)")
 
 
@@ -409,13 +526,28 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
 
 
 def _train_locked(config: TrainConfig, progress: bool) -> TrainReport:
+    check_model_sources(config)
+    config = config.with_absolute_paths()
+    check_data(config)
+    found = set(output_entries(config.out))
+    resumed_from = prepare_run(config)
+    try:
+        return _fit(config, resumed_from, progress)
+    except BaseException:
+        scan = scan_checkpoints(config.out)
+        if not scan.whole and not scan.broken:
+            # A start that failed before its first checkpoint leaves the folder as it found it, so the
+            # corrected command is not refused for the files it wrote.
+            for name in set(output_entries(config.out)) - found:
+                _remove(storage.join(config.out, name))
+        raise
+
+
+def _fit(config: TrainConfig, resumed_from: int, progress: bool) -> TrainReport:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    check_model_sources(config)
-    config = config.with_absolute_paths()
-    resumed_from = prepare_run(config)
     _save_base(config)
     owns_ray = start_ray(config.address, include_dashboard=False,
                          runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})

@@ -282,3 +282,28 @@ def test_a_target_that_does_not_decode_is_listed_not_lost(tmp_path):
     entry = encode_shard(shard, str(tmp_path / "latents"), BlipDiffusion.from_config("tiny").vae, 64, batch_size=2)
     assert entry["samples"] == 4
     assert [item["key"] for item in entry["skipped"]] == [broken_key] and entry["skipped"][0]["reason"]
+
+
+def test_latents_name_an_unreadable_shard_in_one_line_and_list_a_dotted_key(tmp_path):
+    import webdataset as wds
+
+    from subjectpairs.pipelines.shards import read_shard
+    from subjectpairs.training.data import resolve_shards
+    from subjectpairs.training.latents import encode_shard
+
+    dataset = write_pair_shards(tmp_path / "pairs", counts=[4, 4])
+    dotted_shard, truncated_shard = resolve_shards([str(dataset.folder)])
+    samples = read_shard(dotted_shard.uri)
+    with wds.TarWriter(dotted_shard.uri, encoder=False) as writer:
+        for index, sample in enumerate(samples):
+            key = json.loads(sample["json"])["key"] + (".b" if index == 1 else "")
+            writer.write({**{k: v for k, v in sample.items() if not k.startswith("__")}, "__key__": key})
+    vae = BlipDiffusion.from_config("tiny").vae
+    entry = encode_shard(dotted_shard, str(tmp_path / "latents"), vae, 64, batch_size=2)
+    assert entry["samples"] == 3
+    assert [item["key"] for item in entry["skipped"]] == [dataset.all_keys[1] + ".b"]
+    data = Path(truncated_shard.uri).read_bytes()
+    Path(truncated_shard.uri).write_bytes(data[:len(data) // 2 + 100])
+    with pytest.raises(InputError, match=f"{truncated_shard.uri}: cannot read the shard") as error:
+        encode_shard(truncated_shard, str(tmp_path / "latents"), vae, 64, batch_size=2)
+    assert "\n" not in str(error.value)

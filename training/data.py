@@ -186,6 +186,18 @@ def plan_streams(
     return streams[rank * workers:(rank + 1) * workers]
 
 
+def smallest_stream(shards: list[ShardInfo], *, world_size: int, num_workers: int, seed: int,
+                    exclude: frozenset[str] = frozenset()) -> float | None:
+    """The fewest samples any loader stream of the first epoch expects (manifest counts less the excluded
+    keys); None when a shard's count is unknown."""
+    if any(shard.samples is None for shard in shards):
+        return None
+    expected = dict(zip((shard.uri for shard in shards), _expected_samples(shards, exclude)))
+    return min(sum(expected[shard.uri] for shard in stream) for rank in range(world_size)
+               for stream in plan_streams(shards, rank=rank, world_size=world_size, num_workers=num_workers,
+                                          seed=seed, epoch=0, exclude=exclude))
+
+
 @dataclass
 class StreamPosition:
     """Where a rank's reading stands: what a checkpoint stores per rank."""

@@ -142,6 +142,18 @@ def test_resume_starts_from_the_newest_whole_checkpoint_and_removes_the_broken(t
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "step-00000004"]
 
 
+def test_a_run_from_before_completion_records_resumes_from_what_rays_snapshot_listed(tmp_path):
+    run = tmp_path / "run"
+    prepare_run(run_config(tmp_path))
+    for step in (2, 4, 6):
+        fake_checkpoint(run, step, whole=False)
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoints": [str(run / "step-00000002"), str(run / "step-00000004")]}))  # step 6: not stored yet
+    assert prepare_run(run_config(tmp_path, resume=True, keep_checkpoints=2)) == 4
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "step-00000002", "step-00000004"]
+    assert latest_checkpoint(str(run)) == str(run / "step-00000004")  # now by its completion record
+
+
 def test_resume_without_a_whole_checkpoint_is_one_line(tmp_path):
     run = tmp_path / "run"
     prepare_run(run_config(tmp_path))

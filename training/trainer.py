@@ -71,16 +71,24 @@ def scan_checkpoints(run: str) -> CheckpointScan:
     if not fs.exists(path):
         return CheckpointScan([], {})
     folders = sorted(Path(p).name for p in fs.ls(path, detail=False) if Path(p).name.startswith(CHECKPOINT_PREFIX))
-    problems = {name: _checkpoint_problem(fs, f"{path.rstrip('/')}/{name}") for name in folders}
+    snapshot = f"{path.rstrip('/')}/{RAY_SNAPSHOT_FILE}"
+    ray_listed = fs.cat_file(snapshot).decode("utf-8", "replace") if fs.exists(snapshot) else ""
+    problems = {name: _checkpoint_problem(fs, f"{path.rstrip('/')}/{name}", name in ray_listed)
+                for name in folders}
     return CheckpointScan([storage.join(run, name) for name, problem in problems.items() if problem is None],
                           {storage.join(run, name): problem for name, problem in problems.items() if problem})
 
 
-def _checkpoint_problem(fs, folder: str) -> str | None:
-    """Why a checkpoint folder is not whole, None when it is."""
+def _checkpoint_problem(fs, folder: str, ray_listed: bool) -> str | None:
+    """Why a checkpoint folder is not whole, None when it is.
+
+    Runs made before checkpoints carried ``COMPLETE_FILE`` counted a checkpoint once Ray Train's snapshot
+    listed it (Ray writes that after the checkpoint is stored): such a folder is whole as it was then."""
     try:
         written = json.loads(fs.cat_file(f"{folder}/{COMPLETE_FILE}"))["files"]
     except FileNotFoundError:
+        if ray_listed and fs.exists(f"{folder}/{STATE_FILE}"):
+            return None
         return f"no {COMPLETE_FILE}: it was never finished"
     except (ValueError, KeyError, TypeError) as exc:
         return f"{COMPLETE_FILE} does not read ({exc})"
@@ -411,6 +419,9 @@ def prepare_run(config: TrainConfig) -> int:
                          if k not in TrainConfig.RESUMABLE_KEYS and previous.model_dump()[k] != v)
         raise RunInUse(f"--resume with settings that change the run's numbers: {', '.join(changed)}")
     latest = scan.whole[-1]
+    for uri in scan.whole:  # an older run's checkpoints, whole by Ray's snapshot, which is removed below
+        if not storage.exists(storage.join(uri, COMPLETE_FILE)):
+            mark_complete(uri)
     for uri, why in scan.broken.items():
         log.warning("%s is not a whole checkpoint (%s): removed; the run resumes from %s", uri, why,
                     Path(latest).name)

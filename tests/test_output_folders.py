@@ -296,6 +296,10 @@ def test_latents_train_and_export_never_write_over_their_inputs(tmp_path):
     with OutputLock(str(tmp_path / "latents"), "latents"):
         with pytest.raises(InputError, match="in use by `subjectpairs latents`"):
             write_latents([str(shards)], str(tmp_path / "latents"), VaeSource("tiny", None, 0))
+    # a manifest the driver's data checks accept, so that the lock is what refuses
+    (shards / "manifest.json").write_text(json.dumps({"shards": [{
+        "name": "pairs-000000.tar", "samples": 1000, "first_key": "a", "last_key": "b"}]}))
     with OutputLock(str(tmp_path / "run2"), "train"):
         with pytest.raises(InputError, match="in use by `subjectpairs train`"):
-            run_training(TrainConfig(shards=[str(shards)], out=str(tmp_path / "run2"), model="tiny"), progress=False)
+            run_training(TrainConfig(shards=[str(shards)], out=str(tmp_path / "run2"), model="tiny", loader_workers=1),
+                         progress=False)

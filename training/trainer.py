@@ -525,21 +525,22 @@ class TrainReport:
 
 def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     """Training, its run folder checked against the inputs and locked by the driver for the whole run (the
-    Ray Train workers write checkpoints into it under that lock)."""
+    Ray Train workers write checkpoints into it under that lock). Model sources and data are checked
+    first, so a mistake leaves no run folder behind."""
     for flag, inputs in (("--shards", config.shards), ("--latents", config.latents or [])):
         for uri in inputs:
             refuse_overlap(config.out, {flag: uri})
     refuse_overlap(config.out, {"--exclude": config.exclude, **{  # hub ids are no folders of ours
         f"--{name.replace('_', '-')}": value for name in ("init", "stable_diffusion", "qformer")
         if (value := getattr(config, name)) is not None and _is_folder_uri(value)}})
+    check_model_sources(config)
+    config = config.with_absolute_paths()
+    check_data(config)
     with OutputLock(config.out, "train"):
         return _train_locked(config, progress)
 
 
 def _train_locked(config: TrainConfig, progress: bool) -> TrainReport:
-    check_model_sources(config)
-    config = config.with_absolute_paths()
-    check_data(config)
     found = set(output_entries(config.out))
     resumed_from = prepare_run(config)
     try:

@@ -11,6 +11,7 @@ with another running command.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -101,6 +102,7 @@ class OutputLock:
         self.uri = storage.join(self.out, LOCK_FILE)
         self.token = uuid.uuid4().hex
         self._held = False
+        self._made_folder = False
 
     def _record(self) -> bytes:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
@@ -138,6 +140,7 @@ class OutputLock:
 
     def _acquire_local(self) -> None:
         path = storage.local_path(self.uri)
+        self._made_folder = not path.parent.exists()
         try:
             storage.make_folder(self.out)  # an --out that is or lies under a file: one line that says so
             # the record is written whole under a private name and linked into place: the lock never exists
@@ -196,6 +199,10 @@ class OutputLock:
             fs.rm_file(path)
         else:
             storage.local_path(self.uri).unlink(missing_ok=True)
+            if self._made_folder:
+                # a command that stopped before writing anything leaves no empty folder it made behind
+                with contextlib.suppress(OSError):  # not empty: the command's output is there
+                    storage.local_path(self.out).rmdir()
 
     def __enter__(self) -> OutputLock:
         self.acquire()

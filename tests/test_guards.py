@@ -65,6 +65,19 @@ def test_lock_refuses_a_live_holder_and_is_released(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_a_folder_the_lock_made_goes_when_the_command_wrote_nothing(tmp_path):
+    with OutputLock(str(tmp_path / "new" / "out"), "build"):
+        pass  # e.g. an input error found under the lock
+    assert not (tmp_path / "new" / "out").exists()
+    with OutputLock(str(tmp_path / "kept"), "build"):
+        (tmp_path / "kept" / "manifest.json").write_text("{}")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["manifest.json"]
+    (tmp_path / "existing").mkdir()
+    with OutputLock(str(tmp_path / "existing"), "build"):
+        pass
+    assert (tmp_path / "existing").is_dir()  # not ours to remove
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -31,7 +31,7 @@ from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, BuildConfig
 from subjectpairs.pipelines.fetch import PhotoFetcher
 from subjectpairs.pipelines.pairs import PIPELINE_VERSION, Pair, PairBuilder, PairRequest
 from subjectpairs.pipelines.progress import BuildCounter, BuildProgress
-from subjectpairs.pipelines.rejections import PairRejected, Rejection, isolate_failures
+from subjectpairs.pipelines.rejections import PairRejected, Rejection, count_by_stage, isolate_failures
 from subjectpairs.pipelines.shards import (
     CONFIG_FILE, MANIFEST_FILE, REJECTS_FILE, SHARD_PREFIX, STATS_FILE, Candidate, ChunkPlan, ChunkWriter,
     ShardFile, excluded_rejection, file_sha256, load_candidates, plan_chunks, read_exclude, rejects_parquet,
@@ -601,6 +601,7 @@ def _finish(config: BuildConfig, plans: list[ChunkPlan], records: dict[int, Chun
     stats = {
         "pairs": pairs,
         "rejects": dict(sorted(Counter(r.reason for r in rejects).items())),
+        "rejects_by_stage": count_by_stage(r.stage for r in rejects),
         "wall_seconds": round(wall_seconds, 3),
         "pairs_per_second": round(pairs / wall_seconds, 3) if wall_seconds > 0 else None,
         "stage_seconds": {name: round(value, 3) for name, value in sorted(seconds.items())},

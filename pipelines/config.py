@@ -62,6 +62,30 @@ class CompositeConfig(_Settings):
     )
 
 
+class QualityConfig(_Settings):
+    """Bounds on a pair's metrics (docs/FORMAT.md): a pair outside one is rejected at stage ``quality``.
+    A bound set to None is not checked; a metric that is null (map_box_iou of a given trimap) passes."""
+
+    enabled: bool = Field(
+        True, description="reject pairs outside the bounds; false keeps every pair (review first)"
+    )
+    # Defaults set from the metrics measured on real photos: docs/FORMAT.md (quality gate).
+    min_alpha_in_box: float | None = Field(
+        0.35, ge=0.0, le=1.0, description="lowest mean alpha inside the box (below: the matte missed it)"
+    )
+    min_map_box_iou: float | None = Field(
+        0.6, ge=0.0, le=1.0,
+        description="lowest IoU of the map's box with the subject box (below: it segmented another thing)",
+    )
+    max_alpha_outside_box: float | None = Field(
+        0.3, ge=0.0, le=1.0,
+        description="highest share of the alpha outside the padded box (above: the matte took other things)",
+    )
+    max_unknown_fraction: float | None = Field(
+        0.3, ge=0.0, le=1.0, description="highest share of the image the trimap left unknown (above: unsure)"
+    )
+
+
 class PairConfig(_Settings):
     size: int = Field(512, ge=32, description="short side of the target, never upscaled")
     min_side: int = Field(64, ge=8, description="photos with a smaller short side are rejected")
@@ -70,6 +94,7 @@ class PairConfig(_Settings):
     trimap: TrimapConfig = Field(default_factory=TrimapConfig)
     matting: MattingConfig = Field(default_factory=MattingConfig)
     composite: CompositeConfig = Field(default_factory=CompositeConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
 
 
 class FetchConfig(_Settings):
@@ -203,4 +228,8 @@ class BuildConfig(_Settings):
                 section = section[part]
             if section[name] == self.LATER_KEYS[(*sections, name)]:
                 del section[name]
+        if not self.pair.quality.enabled:
+            # the bounds decide nothing then: such a build makes the shards of one before the gate existed,
+            # and keeps its hash
+            del settings["pair"]["quality"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

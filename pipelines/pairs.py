@@ -2,8 +2,8 @@
 
 The stages are plain functions over records so a distributed job can schedule them where they fit:
 ``prepare`` (decode, box, given trimap: CPU), a segmenter's ``segment`` (batched, GPU when there is
-one), ``finish`` (trimap, matting, composite, metrics: one CPU core). :class:`PairBuilder` runs them
-in one process for the command line and tests.
+one), ``finish`` (trimap, matting, metrics, quality gate, composite: one CPU core). :class:`PairBuilder`
+runs them in one process for the command line and tests.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from subjectpairs.pipelines.composite import BackgroundPool, blend
 from subjectpairs.pipelines.config import PairConfig
 from subjectpairs.pipelines.images import decode_image, encode_jpeg, encode_png, to_uint8
 from subjectpairs.pipelines.matting import matte
-from subjectpairs.pipelines.quality import pair_metrics
+from subjectpairs.pipelines.quality import pair_metrics, quality_gate
 from subjectpairs.pipelines.rejections import PairRejected, Rejection, isolate_failures
 from subjectpairs.pipelines.segmenters import Segmenter, build_segmenter, prompt_for
 from subjectpairs.pipelines.trimap import make_trimap, read_trimap
@@ -119,7 +119,8 @@ def finish(
     prepared: Prepared, subject_map: np.ndarray | None, config: PairConfig, backgrounds: BackgroundPool,
     segmenter_info: dict[str, Any],
 ) -> Pair:
-    """Trimap (unless given), matting, foreground, composite and metrics for one prepared sample."""
+    """Trimap (unless given), matting, foreground, metrics, quality gate and composite for one prepared
+    sample; a sample outside the quality bounds is rejected before its background is read."""
     seconds = dict(prepared.seconds)
     clock = time.perf_counter()
 
@@ -139,11 +140,13 @@ def finish(
     lap("trimap")
     result = matte(target, trimap, config.matting)
     lap("matting")
-    background_id, background = backgrounds.background_for(config.seed, request.key, target.shape[:2])
-    composite = blend(result.foreground, result.alpha, background)
     metrics = pair_metrics(
         result.alpha, trimap, normalized, box, config.trimap.box_padding, config.trimap.high, result.residual
     )
+    quality_gate(metrics, config.quality)
+    lap("quality")
+    background_id, background = backgrounds.background_for(config.seed, request.key, target.shape[:2])
+    composite = blend(result.foreground, result.alpha, background)
     lap("composite")
     return Pair(
         key=request.key, category=request.category, box=box, target=target, composite=composite,

@@ -1,11 +1,24 @@
-"""Per-pair quality metrics, for review and for filtering bad pairs out (docs/FORMAT.md defines them)."""
+"""Per-pair quality metrics, for review and for filtering bad pairs out (docs/FORMAT.md defines them), and
+the gate that rejects a pair outside the configured bounds."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 from subjectpairs.pipelines.boxes import Box, mask_box
+from subjectpairs.pipelines.config import QualityConfig
+from subjectpairs.pipelines.rejections import PairRejected
 from subjectpairs.pipelines.trimap import UNKNOWN
+
+# (metric, its bound in QualityConfig), in the order they are checked: the first that fails names the reason.
+GATED_METRICS = (
+    ("alpha_in_box", "min_alpha_in_box"),
+    ("map_box_iou", "min_map_box_iou"),
+    ("alpha_outside_box", "max_alpha_outside_box"),
+    ("unknown_fraction", "max_unknown_fraction"),
+)
 
 
 def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -45,3 +58,23 @@ def pair_metrics(
         "map_box_iou": map_box_iou,
         "matting_residual": round(residual, 6),
     }
+
+
+def quality_gate(metrics: dict[str, Any], config: QualityConfig) -> None:
+    """Raise ``PairRejected("quality", ...)`` when a metric is outside its bound: the reason names the first
+    such metric (``low_alpha_in_box``, ``high_unknown_fraction``, ...), the detail every one, with its value
+    and bound (``alpha_in_box 0.077 < 0.3 (pair.quality.min_alpha_in_box)``)."""
+    if not config.enabled:
+        return
+    failed = []
+    for metric, setting in GATED_METRICS:
+        bound, value = getattr(config, setting), metrics[metric]
+        if bound is None or value is None:
+            continue
+        minimum = setting.startswith("min_")
+        if value < bound if minimum else value > bound:
+            reason = f"{'low' if minimum else 'high'}_{metric}"
+            compared = f"{metric} {value:g} {'<' if minimum else '>'} {bound:g}"
+            failed.append((reason, f"{compared} (pair.quality.{setting})"))
+    if failed:
+        raise PairRejected("quality", failed[0][0], "; ".join(detail for _, detail in failed))

@@ -9,10 +9,15 @@ from one sample becomes that sample's ``unexpected_error``, naming the exception
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 UNEXPECTED_ERROR = "unexpected_error"
+# The stages in the order a candidate passes them (review: the exclude file, before the build), so rejects
+# counted by stage read as the build's funnel.
+STAGES = ("review", "fetch", "decode", "box", "prepare", "segment", "trimap", "matting", "finish", "quality",
+          "composite", "caption")
 # Failures that may clear by themselves (a server down, overloaded or slow): a rerun builds these samples
 # again. Every other reason is permanent (404, a photo that does not decode, a refused URL) and is kept.
 RETRYABLE_REASONS = frozenset({"timeout", "deadline", "connection_error", "truncated", "http_5xx", "http_429"})
@@ -30,6 +35,17 @@ Result = TypeVar("Result")
 def describe_error(error: BaseException) -> str:
     """``Type: message`` of an exception, the same on every run (object addresses left out)."""
     return _OBJECT_ADDRESS.sub("", f"{type(error).__name__}: {error}")
+
+
+def stage_rank(stage: str) -> tuple[int, str]:
+    """Sort key of a stage: its place in :data:`STAGES`, an unknown one after them all."""
+    return (STAGES.index(stage) if stage in STAGES else len(STAGES), stage)
+
+
+def count_by_stage(stages: Iterable[str]) -> dict[str, int]:
+    """Rejects per stage, the stages in the order candidates pass them."""
+    counts = Counter(stages)
+    return {stage: counts[stage] for stage in sorted(counts, key=stage_rank)}
 
 
 class PairRejected(Exception):

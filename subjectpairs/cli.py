@@ -148,6 +148,10 @@ def pair_command(
     box_gate: Annotated[
         Optional[bool], typer.Option("--box-gate/--no-box-gate", help="Zero the map outside the padded box.")
     ] = None,
+    quality_gate: Annotated[
+        Optional[bool],
+        typer.Option("--quality-gate/--no-quality-gate", help="Reject a pair outside the bounds quality.*."),
+    ] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config; flags override its keys.")] = None,
 ) -> None:
     """Build one training pair: segment, trimap, matte, composite; write the images and meta.json."""
@@ -161,7 +165,7 @@ def pair_command(
     settings = load_config(PairConfig, config, {
         "size": size, "seed": seed, "segmenter.kind": segmenter, "segmenter.model": model,
         "segmenter.device": device, "trimap.low": low, "trimap.high": high, "trimap.box_gate": box_gate,
-        "composite.backgrounds": background or None,
+        "composite.backgrounds": background or None, "quality.enabled": quality_gate,
     })
     try:
         subject_box = WHOLE_IMAGE if box is None else Box.parse(box)
@@ -195,12 +199,17 @@ def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
-def rejects_table(counts: dict[str, int]) -> Table:
+def rejects_table(rejects) -> Table:
+    """Rejects by stage, the stages in the order candidates pass them (the build's funnel), then by reason."""
+    from subjectpairs.pipelines.rejections import stage_rank
+
     table = Table(title="Rejected candidates")
+    table.add_column("stage")
     table.add_column("reason")
     table.add_column("count", justify="right")
-    for reason, count in sorted(counts.items(), key=lambda item: -item[1]):
-        table.add_row(reason, f"{count:,}")
+    counts = rejects.groupby(["stage", "reason"]).size().items()
+    for (stage, reason), count in sorted(counts, key=lambda row: (stage_rank(row[0][0]), -row[1], row[0][1])):
+        table.add_row(stage, reason, f"{count:,}")
     return table
 
 
@@ -213,8 +222,8 @@ def build_summary(report) -> None:
         f"{stats['chunks_resumed']} of {stats['chunks']} chunks resumed, "
         f"{stats['retried']:,} earlier retryable rejects tried again)"
     )
-    if stats["rejects"]:
-        console.print(rejects_table(stats["rejects"]))
+    if len(report.rejects):
+        console.print(rejects_table(report.rejects))
     stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in stats["stage_seconds"].items())
     console.print(f"stage seconds (summed over workers): {stages}", highlight=False)
 

@@ -204,6 +204,52 @@ def test_excluded_candidates_are_not_built_and_become_review_rejects(first_build
     pd.testing.assert_frame_equal(rejects, expected)
 
 
+def test_gated_pairs_are_quality_rejects_and_the_shards_are_those_without_them(first_build, demo_inputs, tmp_path):
+    from statistics import median
+
+    from subjectpairs.pipelines.compact import compact_shards
+
+    out, report = first_build
+    metas = {s["__key__"].decode(): json.loads(s["json"]) for name in shard_bytes(out)
+             for s in read_shard(str(out / name))}
+    # a bound that only tightens the default one: the pairs below the median become quality rejects
+    bound = median(meta["metrics"]["alpha_in_box"] for meta in metas.values())
+    gated_keys = {key for key, meta in metas.items() if meta["metrics"]["alpha_in_box"] < bound}
+    assert gated_keys
+    builds = [run_build(config_for(tmp_path / name, demo_inputs, pair__quality__min_alpha_in_box=bound),
+                        show_progress=False) for name in ("gated", "again")]
+    for name in ("manifest.json", "rejects.parquet"):  # deterministic, gated candidates and all
+        assert (tmp_path / "gated" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    assert shard_bytes(tmp_path / "gated") == shard_bytes(tmp_path / "again")
+    built = builds[0]
+    rejects = built.rejects.set_index("key")
+    quality = rejects[rejects["stage"] == "quality"]
+    assert set(quality.index) == gated_keys and set(quality["reason"]) == {"low_alpha_in_box"}
+    for key, detail in quality["detail"].items():
+        value = metas[key]["metrics"]["alpha_in_box"]
+        assert detail == f"alpha_in_box {value:g} < {bound:g} (pair.quality.min_alpha_in_box)"
+    assert built.stats["rejects"]["low_alpha_in_box"] == len(gated_keys)
+    # by stage in the order candidates pass them: the build's funnel
+    assert list(built.stats["rejects_by_stage"].items()) == [("fetch", 1), ("decode", 1), ("quality", len(gated_keys))]
+
+    # the shards are those of the build without the gated candidates, as `shards compact` leaves them: the
+    # same shards, samples and members, but for the config hash (the bound is part of the configuration)
+    exclude = tmp_path / "gated.txt"
+    exclude.write_text("\n".join(sorted(gated_keys)) + "\n")
+    compacted = compact_shards(str(out), str(exclude), str(tmp_path / "compacted")).manifest
+    assert [{k: v for k, v in s.items() if k not in ("bytes", "sha256")} for s in built.manifest["shards"]] == [
+        {k: v for k, v in s.items() if k not in ("bytes", "sha256")} for s in compacted["shards"]
+    ]
+    for shard in built.manifest["shards"]:
+        ours, theirs = (read_shard(str(tmp_path / folder / shard["name"])) for folder in ("gated", "compacted"))
+        for sample, expected in zip(ours, theirs, strict=True):
+            meta, expected_meta = json.loads(sample.pop("json")), json.loads(expected.pop("json"))
+            assert sample == expected
+            assert meta.pop("config_hash") == built.manifest["config_hash"] != expected_meta.pop("config_hash")
+            assert meta == expected_meta
+    assert list(rejects.index) == list(pd.read_parquet(tmp_path / "compacted" / "rejects.parquet")["key"])
+
+
 def test_byte_cap_splits_a_chunk_into_parts(ray_local, demo_inputs, tmp_path):
     out = tmp_path / "capped"
     report = run_build(config_for(out, demo_inputs, shards__samples=50, shards__max_bytes=300_000),
@@ -373,9 +419,11 @@ def test_a_faulty_image_server_ends_in_recorded_reasons_and_a_rerun_after_the_ou
 
 
 def test_clipseg_actor_serves_the_tasks_with_the_same_result(ray_local, demo_inputs, tiny_clipseg, tmp_path):
-    # an untrained tiny model's maps are faint: a thin band keeps some foreground to compare pixels on
+    # an untrained tiny model's maps are faint: a thin band keeps some foreground to compare pixels on, and
+    # without the quality gate its poor mattes stay pairs
     clipseg = {"segmenter": {"kind": "clipseg", "model": str(tiny_clipseg), "device": "cpu"}, "size": 128,
-               "trimap": {"band_px": 1, "cleanup_px": 0}, "composite": {"backgrounds": [demo_inputs["pool"]]}}
+               "trimap": {"band_px": 1, "cleanup_px": 0}, "composite": {"backgrounds": [demo_inputs["pool"]]},
+               "quality": {"enabled": False}}
     in_task = run_build(config_for(tmp_path / "in-task", demo_inputs, pair=clipseg, segment_actors=0),
                         show_progress=False)
     served = run_build(config_for(tmp_path / "actor", demo_inputs, pair=clipseg, segment_actors=1),

@@ -7,14 +7,17 @@ from subjectpairs.pipelines.config import BuildConfig
 # The hash of the default configuration from before the fetch deadline, byte cap and redirect cap existed:
 # output folders built then must still count as the same configuration (or a rerun would refuse them).
 DEFAULT_HASH = "a9d877027359d80d6cad0dcf5adb84370d972b66d4475944cdc178b63c707b9e"
+UNGATED = {"quality": {"enabled": False}}  # those builds had no quality gate
 
 
 def _config(**fetch) -> BuildConfig:
-    return BuildConfig.model_validate({"out": "x", "candidates": "c.parquet", "fetch": fetch})
+    return BuildConfig.model_validate({"out": "x", "candidates": "c.parquet", "fetch": fetch, "pair": UNGATED})
 
 
 def test_keys_added_later_keep_the_hash_of_older_builds_at_their_defaults():
     assert _config().config_hash() == DEFAULT_HASH
+    # the quality gate makes other shards: with it (the default) a build is another configuration
+    assert BuildConfig(out="x", candidates="c.parquet").config_hash() != DEFAULT_HASH
 
 
 def test_keys_added_later_count_once_they_are_set():
@@ -22,5 +25,5 @@ def test_keys_added_later_count_once_they_are_set():
     assert _config(deadline=5.0).config_hash() != DEFAULT_HASH
     assert _config(max_redirects=2).config_hash() != DEFAULT_HASH
     # and where the build runs stays out of it
-    assert BuildConfig.model_validate({"out": "elsewhere", "candidates": "c.parquet", "max_tasks": 3}).config_hash() \
-        == DEFAULT_HASH
+    assert BuildConfig.model_validate({"out": "elsewhere", "candidates": "c.parquet", "max_tasks": 3,
+                                       "pair": UNGATED}).config_hash() == DEFAULT_HASH

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -77,9 +78,12 @@ def test_demo(tmp_path):
     assert all(funnel["dropped"][rule] > 0 for rule in ("excluded_class", "group", "aspect", "area"))
     manifest = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert manifest["candidates"] == funnel["kept"] == manifest["pairs"] + manifest["rejects"]
-    assert manifest["pairs"] >= 5 and manifest["rejects"] == 2  # a corrupt photo and a missing one
+    rejects = pd.read_parquet(tmp_path / "demo" / "shards" / "rejects.parquet")
+    # a corrupt photo and a missing one; the others are pairs the quality gate rejected
+    assert manifest["pairs"] >= 5 and (rejects["stage"] != "quality").sum() == 2
     assert (tmp_path / "demo" / "contact-sheet.png").stat().st_size > 10_000
-    assert "decode_error" in result.output and "contact sheet" in result.output
+    assert "contact sheet" in result.output
+    assert all(reason in result.output for reason in ("decode_error", "not_found", *rejects["reason"]))
     steps = [json.loads(line)["step"] for line in (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert (tmp_path / "demo" / "model" / "model_index.json").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -125,6 +126,13 @@ def test_review_notebook(demo_env, monkeypatch):
     table = funnel_text.split("candidates kept", 1)[1]
     positions = [table.index(f"\n{rule} ") for rule in funnel["after"]]
     assert positions == sorted(positions), "the funnel table is not in the rules' order"
+    # then the build's stages, the quality gate among them, each with what is left after it, down to the pairs
+    stats = json.loads((shards / "stats.json").read_text())
+    remaining = funnel["kept"]
+    for stage, rejected in stats["rejects_by_stage"].items():
+        remaining -= rejected
+        assert re.search(rf"\nbuild: {stage} +{remaining} +{rejected} ", table), (stage, table)
+    assert remaining == manifest["pairs"] and table.index("\nbuild: ") > positions[-1]
     assert figures(tagged["funnel"]) == 1
     assert f"{manifest['pairs']} pairs in {len(manifest['shards'])} shards" in text(tagged["metrics-table"])
     assert figures(tagged["histograms"]) == 1

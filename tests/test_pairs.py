@@ -82,7 +82,9 @@ def test_given_trimap_skips_segmentation(tmp_path, photos):
     trimap_file = tmp_path / "trimap.png"
     Image.fromarray(drawn).save(trimap_file)
     out = tmp_path / "pair"
-    result = run_pair(str(photos["chelsea"]), "--category", "Cat", "--trimap", str(trimap_file), "--out", str(out))
+    # the drawn ellipse covers a third of the whole-image box, below the gate's min_alpha_in_box
+    result = run_pair(str(photos["chelsea"]), "--category", "Cat", "--trimap", str(trimap_file), "--no-quality-gate",
+                      "--out", str(out))
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "meta.json").read_text())
     assert meta["segmenter"] == {"name": "given-trimap"} and "segment" not in meta["seconds"]
@@ -92,8 +94,10 @@ def test_given_trimap_skips_segmentation(tmp_path, photos):
 
 def test_clipseg_model_folder_from_the_command_line(tmp_path, photos, tiny_clipseg):
     out = tmp_path / "pair"
+    # an untrained model's faint map makes a poor matte, which the quality gate would reject
     result = run_pair(str(photos["coffee"]), "--category", "Coffee cup", "--model", str(tiny_clipseg),
-                      "--device", "cpu", "--box-gate", "--box", "0.28,0.7,0.03,0.77", "--out", str(out))
+                      "--device", "cpu", "--box-gate", "--box", "0.28,0.7,0.03,0.77", "--no-quality-gate",
+                      "--out", str(out))
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "meta.json").read_text())
     assert meta["segmenter"]["name"] == "clipseg" and meta["segmenter"]["model"] == str(tiny_clipseg)
@@ -131,7 +135,9 @@ def test_odd_photos_build_pairs_and_bad_ones_are_rejected_with_a_reason(photos):
         PairRequest("gray", "Coffee cup", good),  # the same key again
         PairRequest("fine", "Coffee cup", good, box=Box(0.28, 0.7, 0.03, 0.77)),
     ]
-    builder = PairBuilder(PairConfig(segmenter={"kind": "grabcut"}))
+    # the photo formats are under test here, not the mattes: GrabCut finds less of the cup in the grey
+    # photo, which the quality gate would reject
+    builder = PairBuilder(PairConfig(segmenter={"kind": "grabcut"}, quality={"enabled": False}))
     results = builder.build(requests)
     assert len(results) == len(requests)
     outcome = {(r.key, r.reason if isinstance(r, Rejection) else "pair") for r in results}

@@ -27,8 +27,15 @@ def test_filter_runs_as_a_ray_job(tmp_path, classes_csv, mid):
     try:
         client = JobSubmissionClient(f"http://{cluster.head_node.address_info['webui_url']}")
         script = Path(sys.executable).parent / "subjectpairs"
-        job = client.submit_job(entrypoint=f"{script} filter --bbox {bbox} --classes {classes_csv} --out {out}")
+        entrypoint = f"{script} filter --bbox {bbox} --classes {classes_csv} --out {out}"
         deadline = time.monotonic() + 240
+        while True:
+            try:
+                job = client.submit_job(entrypoint=entrypoint)
+                break
+            except RuntimeError as exc:  # the head's job agent registers a while after the cluster is up
+                assert "No available agent" in str(exc) and time.monotonic() < deadline, exc
+                time.sleep(1)
         while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
             assert time.monotonic() < deadline, "the job did not finish"
             time.sleep(1)

@@ -32,6 +32,9 @@ bench: setup
 	$(BIN)/python benchmarks/build_bench.py --progress
 	$(BIN)/python benchmarks/backgrounds_bench.py
 	$(BIN)/python benchmarks/loader_bench.py
+	# segmentation and pair quality on real photos (DreamBench from ../shared, scikit-image)
+	$(BIN)/python benchmarks/segmentation_bench.py
+	$(BIN)/python benchmarks/quality_distributions.py
 	# full size on a GPU; on a CPU a tiny-model smoke check (the GPU figures are in the README)
 	$(BIN)/python benchmarks/train_bench.py --variants eager,channels_last
 

@@ -148,7 +148,7 @@ def select_openimages(config: BackgroundConfig) -> tuple[pd.DataFrame, dict]:
     funnel = {"images": int(n_images), "dropped": {}}
     rules = []
     if config.exclude_candidates:
-        candidates = pd.read_parquet(storage.open_input_stream(config.exclude_candidates), columns=["image_id"])
+        candidates = storage.read_parquet(config.exclude_candidates, "candidates table", columns=["image_id"])
         # pyarrow's hash lookup: numpy's isin on object arrays of strings is quadratic in practice
         is_candidate = pc.is_in(boxes.image_ids, value_set=pa.array(candidates["image_id"].unique(), pa.string()))
         rules.append(("subject_candidate", is_candidate.fill_null(False).to_numpy(zero_copy_only=False)))
@@ -294,8 +294,8 @@ def _build_pool_locked(config: BackgroundConfig) -> PoolReport:
 def read_pool(folder: str) -> tuple[str, list[str]]:
     """(pool id, background URIs in pool order) of a pool folder."""
     uri = storage.join(folder, POOL_FILE)
-    data = storage.read_bytes(uri)
-    table = pd.read_parquet(io.BytesIO(data), columns=["uri"])
+    data = storage.read_bytes(uri)  # the pool's id is the hash of these bytes
+    table = storage.read_parquet(uri, "background pool", columns=["uri"])
     missing = int(table["uri"].isna().sum())
     if missing:
         raise InputError(f"{uri}: {missing} backgrounds have no URI (rebuild the pool with --images or --image-root)")

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
-import pyarrow.parquet as pq
 
 from subjectpairs import storage
 from subjectpairs.errors import InputError
@@ -112,10 +111,7 @@ def _read_rejects(source: str) -> list[Rejection]:
     uri = storage.join(source, REJECTS_FILE)
     if not storage.exists(uri):
         return []
-    try:
-        table = pq.read_table(storage.open_input_stream(uri)).to_pandas()
-    except Exception as exc:  # pyarrow raises many types for a file that is not parquet
-        raise InputError(f"{uri}: cannot read the rejects table ({type(exc).__name__}: {exc})") from exc
+    table = storage.read_parquet(uri, "rejects table")
     missing = [name for name in REJECT_SCHEMA.names if name not in table.columns]
     if missing:
         raise InputError(f"{uri}: not a rejects table, missing columns {', '.join(missing)}")

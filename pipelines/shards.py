@@ -145,12 +145,7 @@ def load_candidates(uri: str, images: str | None, limit: int | None = None) -> l
     ``images`` (a folder or URI prefix of ``<ImageID>.jpg``) wins; otherwise the table's ``filepath``
     (a zoo folder), otherwise its ``url`` (HTTP(S) or an object store only).
     """
-    try:
-        table = pq.read_table(storage.open_input_stream(uri)).to_pandas()
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{uri}: cannot read the candidates table ({exc})") from exc
+    table = storage.read_parquet(uri, "candidates table")
     missing = sorted({*TEXT_COLUMNS, *BOX_COLUMNS} - set(table.columns))
     if missing:
         raise InputError(f"{uri}: not a candidates table, missing columns {', '.join(missing)}")

@@ -16,7 +16,9 @@ from pathlib import Path
 from types import TracebackType
 
 import fsspec
+import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from subjectpairs.errors import InputError
 
@@ -107,6 +109,18 @@ def reading(uri: str | Path) -> Iterator[pa.NativeFile]:
 def read_bytes(uri: str | Path) -> bytes:
     with reading(uri) as stream:
         return stream.read()
+
+
+def read_parquet(uri: str | Path, what: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """A parquet file as a table; a file that is missing, not parquet or lacks ``columns`` is one
+    InputError naming it as ``what`` (pyarrow raises many exception types for these)."""
+    try:
+        with open_input_stream(uri) as stream:
+            return pq.read_table(stream, columns=columns).to_pandas()
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{uri}: cannot read the {what} ({type(exc).__name__}: {exc})") from exc
 
 
 def make_folder(uri: str | Path) -> None:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from conftest import box_row, write_boxes
 from subjectpairs.cli import app
 from subjectpairs.curation.backgrounds import POOL_FILE, BackgroundConfig, build_pool, read_pool
+from subjectpairs.errors import InputError
 from subjectpairs.pipelines.composite import BackgroundPool
 
 
@@ -138,3 +139,17 @@ def test_an_openimages_pool_needs_image_locations(tmp_path, classes_csv, openima
     result = CliRunner().invoke(app, ["backgrounds", "--from-openimages", "--bbox", str(bbox), "--classes",
                                       str(classes_csv), "--out", str(tmp_path / "pool")])
     assert result.exit_code == 2 and "--image-root" in result.output
+
+
+def test_a_table_that_is_not_parquet_is_one_line_naming_it(tmp_path, classes_csv, openimages):
+    bbox, candidates, *_ = openimages
+    candidates.write_bytes(b"PAR1 but not really")
+    result = CliRunner().invoke(app, ["backgrounds", "--from-openimages", "--bbox", str(bbox), "--classes",
+                                      str(classes_csv), "--image-root", "s3://bucket/images", "--exclude-candidates",
+                                      str(candidates), "--out", str(tmp_path / "pool")])
+    assert result.exit_code == 2 and f"{candidates}: cannot read the candidates table" in result.output
+    pool = tmp_path / "broken-pool"
+    pool.mkdir()
+    (pool / POOL_FILE).write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="cannot read the background pool"):
+        read_pool(str(pool))

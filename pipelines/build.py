@@ -189,13 +189,15 @@ def load_captioner(config: BuildConfig) -> Blip2Captioner:
     settings = config.captioner
     assert settings.model is not None
     return Blip2Captioner.from_pretrained(
-        settings.model, device=settings.device, keep=settings.keep, samples=settings.samples,
-        max_new_tokens=settings.max_new_tokens, seed=config.pair.seed,
+        settings.model, ranker=settings.ranker, device=settings.device, keep=settings.keep,
+        label_match=settings.label_match, samples=settings.samples, top_p=settings.top_p,
+        min_length=settings.min_length, max_new_tokens=settings.max_new_tokens, seed=config.pair.seed,
     )
 
 
 class CaptionerActor:
-    """BLIP-2 loaded once (on a GPU when there is one), captioning the batches of many CPU tasks."""
+    """BLIP-2 and its CLIP ranker loaded once (on a GPU when there is one), captioning the batches of many
+    CPU tasks."""
 
     def __init__(self, config_json: str) -> None:
         self.captioner = load_captioner(BuildConfig.model_validate_json(config_json))

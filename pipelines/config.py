@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
+DEFAULT_CAPTION_RANKER = "openai/clip-vit-large-patch14"  # the authors' CLIP ViT-L/14
 
 
 class _Settings(BaseModel):
@@ -122,11 +123,30 @@ class ShardConfig(_Settings):
 
 
 class CaptionerConfig(_Settings):
+    """CapFilt as the authors ran it: nucleus-sample BLIP-2 captions, rank them by CLIP image-text
+    similarity, keep the best that mention the label, else the best one."""
+
     model: str | None = Field(None, description="BLIP-2 hub id or folder (the paper: Salesforce/blip2-opt-6.7b)")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    keep: int = Field(5, ge=1, description="captions kept per photo (those that mention the label)")
-    samples: int = Field(10, ge=1, description="captions sampled per photo before filtering")
+    ranker: str | None = Field(
+        DEFAULT_CAPTION_RANKER,
+        description="CLIP hub id or folder ranking the sampled captions by image-text similarity; "
+                    "null: keep them in sampling order",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N (the ranker runs beside BLIP-2)")
+    keep: int = Field(5, ge=1, description="captions kept per photo (the best-ranked that mention the label)")
+    label_match: Literal["any", "all"] = Field(
+        "any", description="a caption mentions the label when it contains any (the authors) or all of its words"
+    )
+    samples: int = Field(48, ge=1, description="captions sampled per photo before ranking and filtering")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling's probability mass")
+    min_length: int = Field(5, ge=0, description="fewest new tokens a sampled caption has")
     max_new_tokens: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> "CaptionerConfig":
+        if self.min_length > self.max_new_tokens:
+            raise ValueError(f"min_length {self.min_length} exceeds max_new_tokens {self.max_new_tokens}")
+        return self
 
 
 class BuildConfig(_Settings):
@@ -174,6 +194,11 @@ class BuildConfig(_Settings):
         ("fetch", "max_bytes"): 50_000_000,
         ("fetch", "max_redirects"): 10,
     }
+    # Without BLIP-2 the captioner's settings make nothing; such a build hashes them as builds did before
+    # CapFilt got its ranker and the authors' sampling, so those output folders stay the same configuration.
+    UNUSED_CAPTIONER: ClassVar[dict[str, Any]] = {
+        "model": None, "device": "auto", "keep": 5, "samples": 10, "max_new_tokens": 30,
+    }
 
     @model_validator(mode="after")
     def _one_candidate_source(self) -> "BuildConfig":
@@ -212,6 +237,7 @@ class BuildConfig(_Settings):
         settings["pair"]["composite"]["backgrounds"] = [path(entry) for entry in self.pair.composite.backgrounds]
         settings["pair"]["segmenter"]["model"] = source(self.pair.segmenter.model)
         settings["captioner"]["model"] = source(self.captioner.model)
+        settings["captioner"]["ranker"] = source(self.captioner.ranker)
         return BuildConfig.model_validate(settings)
 
     def uses_clipseg(self) -> bool:
@@ -232,4 +258,6 @@ class BuildConfig(_Settings):
             # the bounds decide nothing then: such a build makes the shards of one before the gate existed,
             # and keeps its hash
             del settings["pair"]["quality"]
+        if self.captioner.model is None:
+            settings["captioner"] = self.UNUSED_CAPTIONER
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -126,6 +126,13 @@ def tiny_blip2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """The demo's shards (real photos and generated scenes, GrabCut, local Ray), built once per session."""
     from subjectpairs.pipelines.demo import run_demo

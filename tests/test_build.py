@@ -174,6 +174,7 @@ def test_excluded_candidates_are_not_built_and_become_review_rejects(first_build
     settings = plain.model_dump(mode="json", exclude={*BuildConfig.RUNTIME_KEYS, "exclude"})
     for name in ("deadline", "max_bytes", "max_redirects"):  # added later still, and at their defaults
         del settings["fetch"][name]
+    settings["captioner"] = BuildConfig.UNUSED_CAPTIONER  # no BLIP-2
     assert plain.config_hash() == hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     built = run_build(config, show_progress=False)
@@ -434,24 +435,25 @@ def test_clipseg_actor_serves_the_tasks_with_the_same_result(ray_local, demo_inp
     assert json.loads(sample["json"])["segmenter"]["model"] == str(tiny_clipseg)
 
 
-def test_captions_come_from_the_file_then_the_captioner_then_the_template(ray_local, demo_inputs, tiny_blip2,
-                                                                         tmp_path):
+def test_captions_come_from_the_file_then_the_captioner(ray_local, demo_inputs, tiny_blip2, tiny_clip, tmp_path):
     table = pd.read_parquet(demo_inputs["candidates"]).sort_values("image_id")
     chosen = table.iloc[0]
     captions = tmp_path / "captions.jsonl"
     captions.write_text(json.dumps({"image_id": chosen.image_id, "label": chosen.category,
                                     "captions": ["a hand-written caption"]}) + "\n")
     config = config_for(tmp_path / "captioned", demo_inputs, captions=str(captions),
-                        captioner={"model": str(tiny_blip2), "device": "cpu", "samples": 2, "max_new_tokens": 4})
+                        captioner={"model": str(tiny_blip2), "ranker": str(tiny_clip), "device": "cpu",
+                                   "samples": 2, "min_length": 2, "max_new_tokens": 4})
     report = run_build(config, show_progress=False)
     metas = [json.loads(s["json"]) for shard in report.manifest["shards"]
              for s in read_shard(str(tmp_path / "captioned" / shard["name"]))]
     by_image = {meta["image_id"]: meta for meta in metas}
     assert by_image[chosen.image_id]["captions"] == ["a hand-written caption"]
     assert by_image[chosen.image_id]["caption_source"] == "captions.jsonl"
-    # an untrained BLIP-2 never names the label, so CapFilt keeps nothing and the template stands in
+    # an untrained BLIP-2 never names the label, so CapFilt keeps the caption CLIP ranked first
     others = [meta for meta in metas if meta["image_id"] != chosen.image_id]
-    assert others and all(meta["caption_source"] == "template" for meta in others)
+    assert others and all(meta["caption_source"] == f"blip2:{tiny_blip2}+clip:{tiny_clip}" for meta in others)
+    assert all(len(meta["captions"]) == 1 and meta["captions"][0] for meta in others)
 
 
 def test_the_filter_can_run_as_the_first_stage(ray_local, demo_inputs, tmp_path):
@@ -469,8 +471,9 @@ def test_the_filter_can_run_as_the_first_stage(ray_local, demo_inputs, tmp_path)
 
 
 def test_captioner_actor_gives_the_same_shards_as_captioning_in_the_task(ray_local, demo_inputs, tiny_blip2,
-                                                                        tmp_path):
-    captioner = {"model": str(tiny_blip2), "device": "cpu", "samples": 2, "max_new_tokens": 4}
+                                                                        tiny_clip, tmp_path):
+    captioner = {"model": str(tiny_blip2), "ranker": str(tiny_clip), "device": "cpu", "samples": 2,
+                 "min_length": 2, "max_new_tokens": 4}
     in_task = run_build(config_for(tmp_path / "in-task", demo_inputs, captioner=captioner, caption_actors=0),
                         show_progress=False)
     served = run_build(config_for(tmp_path / "actor", demo_inputs, captioner=captioner, caption_actors=1),

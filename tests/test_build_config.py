@@ -27,3 +27,15 @@ def test_keys_added_later_count_once_they_are_set():
     # and where the build runs stays out of it
     assert BuildConfig.model_validate({"out": "elsewhere", "candidates": "c.parquet", "max_tasks": 3,
                                        "pair": UNGATED}).config_hash() == DEFAULT_HASH
+
+
+def test_captioner_settings_count_only_with_a_captioner():
+    def config(captioner: dict) -> BuildConfig:
+        return BuildConfig.model_validate({"out": "x", "candidates": "c.parquet", "captioner": captioner,
+                                           "pair": UNGATED})
+
+    assert config({"samples": 3, "ranker": None}).config_hash() == DEFAULT_HASH
+    captioned = config({"model": "Salesforce/blip2-opt-6.7b"}).config_hash()
+    assert captioned != DEFAULT_HASH
+    assert config({"model": "Salesforce/blip2-opt-6.7b", "ranker": None}).config_hash() != captioned
+    assert config({"model": "Salesforce/blip2-opt-6.7b", "label_match": "all"}).config_hash() != captioned

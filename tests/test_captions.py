@@ -1,14 +1,24 @@
-"""Captions: a captions.jsonl file, a BLIP-2 stage (tiny model, real loading path), the template."""
+"""Captions: a captions.jsonl file, a BLIP-2 stage ranked by CLIP (tiny models, real loading path), the
+template."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from skimage import data
 
 from subjectpairs.errors import InputError
-from subjectpairs.pipelines.captions import Blip2Captioner, Captions, keep_mentioning, template_caption
+from subjectpairs.pipelines.captions import (
+    Blip2Captioner,
+    Captions,
+    ClipRanker,
+    capfilt,
+    keep_mentioning,
+    template_caption,
+)
+from subjectpairs.pipelines.segmenters import shrink_for_model
 
 
 def test_captions_file_by_image_and_label(tmp_path):
@@ -32,29 +42,115 @@ def test_bad_captions_file_names_the_line(tmp_path):
         Captions.from_jsonl(str(path))
 
 
-def test_capfilt_keeps_distinct_captions_that_name_the_label():
-    sampled = ["a cat on a mat", "a cat on a mat", "a dog", "two cats", "the coffee cup", "a cat, asleep"]
+def test_label_filter_keeps_distinct_captions_with_any_word_of_the_label_or_all_of_them():
+    sampled = ["a cat on a mat", "a cat on a mat", "a dog", "two cats", "a cup of tea", "the coffee cup",
+               "a cat, asleep"]
     assert keep_mentioning(sampled, "Cat", keep=5) == ["a cat on a mat", "a cat, asleep"]
-    assert keep_mentioning(sampled, "Coffee cup", keep=5) == ["the coffee cup"]
+    assert keep_mentioning(sampled, "Coffee cup", keep=5) == ["a cup of tea", "the coffee cup"]
+    assert keep_mentioning(sampled, "Coffee cup", keep=5, match="all") == ["the coffee cup"]
     assert keep_mentioning(sampled, "Cat", keep=1) == ["a cat on a mat"]
 
 
-def test_blip2_captioner_loads_a_saved_model_and_is_deterministic(tiny_blip2, monkeypatch):
-    captioner = Blip2Captioner.from_pretrained(str(tiny_blip2), device="cpu", samples=3, max_new_tokens=6)
+def test_capfilt_keeps_the_best_ranked_that_mention_the_label_else_the_best_one():
+    ranked = ["a brown dog", "a cup of tea", "a dog and a cat", "a coffee cup", "a cat"]
+    assert capfilt(ranked, "Cat", keep=5) == ["a dog and a cat", "a cat"]
+    assert capfilt(ranked, "Coffee cup", keep=1) == ["a cup of tea"]
+    assert capfilt(ranked, "Coffee cup", keep=5, match="all") == ["a coffee cup"]
+    assert capfilt(ranked, "Teapot", keep=5) == ["a brown dog"]
+    assert capfilt([], "Teapot", keep=5) == []
+
+
+def test_clip_ranker_orders_captions_by_image_text_similarity(tiny_clip):
+    import torch
+
+    ranker = ClipRanker.from_pretrained(str(tiny_clip), device="cpu", dtype=torch.float32)
+    images = [data.chelsea(), data.coffee()]
+    captions = [["a cat", "a sleepy cat on a rug", "zzz", "the dog"], ["a cup", "coffee", "a cat"]]
+    scores = ranker.similarities(images, captions)
+    for image, texts, got in zip(images, captions, scores):
+        # CLIP's own forward pass: logits are the scaled cosine of the projected embeddings
+        inputs = ranker.processor(text=texts, images=[image], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            output = ranker.model(**inputs)
+        expected = (output.logits_per_image[0] / ranker.model.logit_scale.exp()).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert len(set(np.round(expected, 6))) == len(texts)  # no ties: the order below is CLIP's alone
+    assert ranker.rank(images, captions) == [
+        [texts[i] for i in np.argsort(-got)] for texts, got in zip(captions, scores)
+    ]
+
+
+def test_blip2_captioner_ranks_with_clip_filters_by_label_and_is_deterministic(tiny_blip2, tiny_clip, monkeypatch):
+    captioner = Blip2Captioner.from_pretrained(str(tiny_blip2), ranker=str(tiny_clip), device="cpu", samples=3,
+                                               min_length=2, max_new_tokens=6, keep=2)
     images = [data.chelsea(), data.coffee()]
     first = captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"])
-    assert len(first) == 2 and captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"]) == first
-    assert captioner.name == f"blip2:{tiny_blip2}"
-    # what the model sampled goes through the label filter: make the decoder say known words
-    texts = iter(["a cat", "noise", "a cat", "a coffee cup here", "x", "y"])
+    assert [len(c) for c in first] == [1, 1]  # an untrained BLIP-2 never names the label: the top-ranked one
+    assert captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"]) == first
+    reseeded = Blip2Captioner(captioner.model, captioner.processor, captioner.source, ranker=None, keep=2,
+                              label_match="any", samples=3, top_p=0.95, min_length=2, max_new_tokens=6, seed=1)
+    shrunk = shrink_for_model(images, captioner.input_size)
+    assert reseeded.sample(shrunk, ["k1", "k2"]) != captioner.sample(shrunk, ["k1", "k2"])
+    assert captioner.name == f"blip2:{tiny_blip2}+clip:{tiny_clip}"
+    # what the model sampled is ranked by CLIP, then filtered: make the decoder say known words
+    sampled = [["a cat", "the cat sat", "noise"], ["a cup of tea", "a coffee cup here", "a mug of coffee"]]
     monkeypatch.setattr(captioner.processor, "batch_decode",
-                        lambda ids, skip_special_tokens: [next(texts) for _ in range(len(ids))])
-    assert captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"]) == [["a cat"], ["a coffee cup here"]]
+                        lambda ids, skip_special_tokens: [text for texts in sampled for text in texts])
+    ranked = captioner.ranker.rank(shrunk, sampled)
+    expected = [[c for c in ranked[0] if "cat" in c][:2], [c for c in ranked[1]][:2]]
+    assert captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"]) == expected
+    assert captioner.caption(images, ["Dog", "Teapot"], ["k1", "k2"]) == [ranked[0][:1], ranked[1][:1]]
+    captioner.label_match = "all"
+    assert captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"]) == [expected[0], ["a coffee cup here"]]
 
 
-def test_missing_blip2_is_a_clear_error(tmp_path):
+def test_blip2_captioner_samples_with_the_configured_settings(tiny_blip2, monkeypatch):
+    from subjectpairs.pipelines.build import load_captioner
+    from subjectpairs.pipelines.config import BuildConfig
+
+    config = BuildConfig.model_validate({
+        "out": "o", "candidates": "c.parquet", "pair": {"seed": 4},
+        "captioner": {"model": str(tiny_blip2), "ranker": None, "device": "cpu", "keep": 2, "label_match": "all",
+                      "samples": 3, "top_p": 0.5, "min_length": 4, "max_new_tokens": 4},
+    })
+    captioner = load_captioner(config)
+    assert captioner.ranker is None and captioner.name == f"blip2:{tiny_blip2}"
+    assert (captioner.keep, captioner.label_match, captioner.seed) == (2, "all", 4)
+    seen = {}
+    generate = captioner.model.generate
+
+    def recording(**kwargs):
+        seen.update(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(captioner.model, "generate", recording)
+    sampled = captioner.sample(shrink_for_model([data.chelsea()], captioner.input_size), ["k"])
+    assert {k: seen[k] for k in ("top_p", "num_return_sequences", "min_new_tokens", "max_new_tokens")} == {
+        "top_p": 0.5, "num_return_sequences": 3, "min_new_tokens": 4, "max_new_tokens": 4}
+    assert len(sampled) == 1 and len(sampled[0]) == 3
+    # without a ranker, the sampling order stands
+    monkeypatch.setattr(captioner, "sample", lambda images, keys: [["a cat", "a cat", "a dog"]])
+    assert captioner.caption([data.chelsea()], ["Dog"], ["k"]) == [["a dog"]]
+    assert captioner.caption([data.chelsea()], ["Teapot"], ["k"]) == [["a cat"]]
+
+
+def test_captioner_defaults_are_the_authors_capfilt():
+    from pydantic import ValidationError
+
+    from subjectpairs.pipelines.config import CaptionerConfig
+
+    settings = CaptionerConfig()
+    assert (settings.ranker, settings.samples, settings.top_p, settings.min_length, settings.keep,
+            settings.label_match) == ("openai/clip-vit-large-patch14", 48, 0.95, 5, 5, "any")
+    with pytest.raises(ValidationError, match="min_length 8 exceeds max_new_tokens 6"):
+        CaptionerConfig(min_length=8, max_new_tokens=6)
+
+
+def test_missing_blip2_or_ranker_is_a_clear_error(tmp_path, tiny_blip2):
     with pytest.raises(InputError, match="cannot load BLIP-2"):
-        Blip2Captioner.from_pretrained(str(tmp_path / "none"))
+        Blip2Captioner.from_pretrained(str(tmp_path / "none"), ranker=None)
+    with pytest.raises(InputError, match="cannot load the CLIP caption ranker"):
+        Blip2Captioner.from_pretrained(str(tiny_blip2), ranker=str(tmp_path / "none"), device="cpu")
 
 
 def test_a_captioner_failing_on_one_photo_rejects_only_that_pair(tmp_path):

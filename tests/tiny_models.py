@@ -95,3 +95,34 @@ def save_tiny_blip2(folder: Path, seed: int = 0) -> Path:
     Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
                    num_query_tokens=queries).save_pretrained(folder)
     return folder
+
+
+def save_tiny_clip(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny CLIP (text and vision towers, projections) with the character-level vocabulary."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = folder / "tokenizer-source"
+    scratch.mkdir(exist_ok=True)
+    vocab_file, merges_file, vocab_size = _write_char_vocab(scratch)
+    positions = 64
+    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=positions)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": positions,
+            "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1,
+        },
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": image_size, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

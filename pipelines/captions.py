@@ -83,7 +83,8 @@ class ClipRanker:
         model.eval().to(device)
         return cls(model, processor, source)
 
-    def similarities(self, images: Sequence[np.ndarray], captions: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    def similarities(self, images: Sequence[np.ndarray],
+                     captions: Sequence[Sequence[str]]) -> list[np.ndarray]:
         """Per photo, the similarity of each of its captions; all photos and captions in one batch each."""
         import torch
 
@@ -91,7 +92,8 @@ class ClipRanker:
         if not texts:
             return [np.zeros(0, dtype=np.float32) for _ in captions]
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-        tokens = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+        tokens = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        tokens = tokens.to(self.device)
         with torch.inference_mode():
             image_embeds = self.model.get_image_features(
                 pixel_values=pixels.to(self.device, self.model.dtype)).pooler_output
@@ -194,7 +196,8 @@ class Blip2Captioner:
         shrunk = shrink_for_model(images, self.input_size)
         distinct = [list(dict.fromkeys(c for c in sampled if c)) for sampled in self.sample(shrunk, keys)]
         ranked = distinct if self.ranker is None else self.ranker.rank(shrunk, distinct)
-        return [capfilt(captions, label, self.keep, self.label_match) for captions, label in zip(ranked, labels)]
+        return [capfilt(captions, label, self.keep, self.label_match)
+                for captions, label in zip(ranked, labels)]
 
 
 def mentions_label(caption: str, label: str, match: LabelMatch = "any") -> bool:

@@ -135,7 +135,8 @@ class CaptionerConfig(_Settings):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N (the ranker runs beside BLIP-2)")
     keep: int = Field(5, ge=1, description="captions kept per photo (the best-ranked that mention the label)")
     label_match: Literal["any", "all"] = Field(
-        "any", description="a caption mentions the label when it contains any (the authors) or all of its words"
+        "any",
+        description="a caption mentions the label when it contains any (the authors) or all of its words",
     )
     samples: int = Field(48, ge=1, description="captions sampled per photo before ranking and filtering")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling's probability mass")

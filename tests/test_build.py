@@ -435,7 +435,8 @@ def test_clipseg_actor_serves_the_tasks_with_the_same_result(ray_local, demo_inp
     assert json.loads(sample["json"])["segmenter"]["model"] == str(tiny_clipseg)
 
 
-def test_captions_come_from_the_file_then_the_captioner(ray_local, demo_inputs, tiny_blip2, tiny_clip, tmp_path):
+def test_captions_come_from_the_file_then_the_captioner(ray_local, demo_inputs, tiny_blip2, tiny_clip,
+                                                        tmp_path):
     table = pd.read_parquet(demo_inputs["candidates"]).sort_values("image_id")
     chosen = table.iloc[0]
     captions = tmp_path / "captions.jsonl"

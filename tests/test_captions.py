@@ -80,15 +80,17 @@ def test_clip_ranker_orders_captions_by_image_text_similarity(tiny_clip):
     ]
 
 
-def test_blip2_captioner_ranks_with_clip_filters_by_label_and_is_deterministic(tiny_blip2, tiny_clip, monkeypatch):
-    captioner = Blip2Captioner.from_pretrained(str(tiny_blip2), ranker=str(tiny_clip), device="cpu", samples=3,
-                                               min_length=2, max_new_tokens=6, keep=2)
+def test_blip2_captioner_ranks_with_clip_filters_by_label_and_is_deterministic(tiny_blip2, tiny_clip,
+                                                                              monkeypatch):
+    captioner = Blip2Captioner.from_pretrained(str(tiny_blip2), ranker=str(tiny_clip), device="cpu",
+                                               samples=3, min_length=2, max_new_tokens=6, keep=2)
     images = [data.chelsea(), data.coffee()]
     first = captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"])
     assert [len(c) for c in first] == [1, 1]  # an untrained BLIP-2 never names the label: the top-ranked one
     assert captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"]) == first
     reseeded = Blip2Captioner(captioner.model, captioner.processor, captioner.source, ranker=None, keep=2,
-                              label_match="any", samples=3, top_p=0.95, min_length=2, max_new_tokens=6, seed=1)
+                              label_match="any", samples=3, top_p=0.95, min_length=2, max_new_tokens=6,
+                              seed=1)
     shrunk = shrink_for_model(images, captioner.input_size)
     assert reseeded.sample(shrunk, ["k1", "k2"]) != captioner.sample(shrunk, ["k1", "k2"])
     assert captioner.name == f"blip2:{tiny_blip2}+clip:{tiny_clip}"
@@ -101,7 +103,8 @@ def test_blip2_captioner_ranks_with_clip_filters_by_label_and_is_deterministic(t
     assert captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"]) == expected
     assert captioner.caption(images, ["Dog", "Teapot"], ["k1", "k2"]) == [ranked[0][:1], ranked[1][:1]]
     captioner.label_match = "all"
-    assert captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"]) == [expected[0], ["a coffee cup here"]]
+    assert captioner.caption(images, ["Cat", "Coffee cup"], ["k1", "k2"]) == [expected[0],
+                                                                              ["a coffee cup here"]]
 
 
 def test_blip2_captioner_samples_with_the_configured_settings(tiny_blip2, monkeypatch):

@@ -102,6 +102,7 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(ray_local, sha
     assert [m["loss"] for m in first] == [m["loss"] for m in straight[:epoch_end]]
     assert [m["loss"] for m in resumed[epoch_end:]] == [m["loss"] for m in straight[epoch_end:]]
     assert all(m["corrupt_samples"] == 0 and m["corrupt_shards"] == [] for m in resumed)
+    assert all(m["total_batch"] == 4 for m in resumed)  # 2 workers of 2
 
 
 def fake_checkpoint(run: Path, step: int, whole: bool = True) -> Path:

@@ -12,7 +12,7 @@ import webdataset as wds
 from pair_shards import BOX_COLOUR, FLAT_CATEGORY, SHARD_COUNTS, Dataset, jpeg, write_pair_shards
 from subjectpairs.training.data import (
     CLIP_MEAN, CLIP_STD, LATENT_MEMBER, BatchReader, PairStream, ShardInfo, StreamPosition, plan_streams,
-    read_exclude, resolve_shards, write_latent_member,
+    read_exclude, resolve_shards, target_pixels, write_latent_member,
 )
 
 INPUT_SIZE, TARGET_SIZE = 32, 64
@@ -303,3 +303,22 @@ def test_pixel_values_are_the_normalized_box_crop_and_target_in_unit_range(datas
         np.testing.assert_allclose(centre.mean(axis=(1, 2)), expected_box_colour, atol=0.05)
     spread = torch.stack([s["target"] for key, s in samples.items() if key not in flat])
     assert spread.min() < -0.5 and spread.max() > 0.5
+
+
+def test_target_is_the_centred_square_resized_bicubic():
+    """As the authors' target transform: the centred square, bicubic to the target size, in [-1, 1]."""
+    import io
+
+    from PIL import Image
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    encoded = io.BytesIO()
+    photo.save(encoded, format="PNG")
+    target = target_pixels(encoded.getvalue(), 16)
+
+    def expected(resample) -> np.ndarray:
+        square = photo.resize((16, 16), resample, box=(5, 0, 35, 30))
+        return np.asarray(square, np.float32).transpose(2, 0, 1) / 127.5 - 1
+
+    np.testing.assert_allclose(target, expected(Image.Resampling.BICUBIC), atol=1e-6)
+    assert np.abs(target - expected(Image.Resampling.BILINEAR)).max() > 0.05

@@ -89,17 +89,65 @@ def test_subject_embeddings_sit_just_before_end_of_text(tiny_model):
     assert torch.equal(embeds[0, eot + NUM_QUERY_TOKENS], plain[0, eot])  # the end-of-text token follows
 
 
-def test_dropped_rows_see_the_caption_alone(tiny_model):
-    """With the subject dropped, a row's conditioning is the caption alone, whatever the subject."""
-    ctx = torch.randn(2, NUM_QUERY_TOKENS, tiny_model.text_encoder.config.hidden_size)
-    keep = torch.tensor([True, False])
-    with torch.no_grad():
-        mixed = tiny_model.text_conditioning(["a dog, the dog is"] * 2, ctx, keep, plain_texts=["a dog"] * 2)
-        alone = tiny_model.text_conditioning(["a dog"], None, torch.tensor([False]))
-        other = tiny_model.text_conditioning(["a dog, the dog is"], torch.randn_like(ctx[:1]), torch.tensor([True]))
-    assert mixed.shape == (2, 77, tiny_model.text_encoder.config.hidden_size)
-    assert torch.allclose(mixed[1], alone[0], atol=1e-6)
-    assert not torch.allclose(mixed[0], other[0], atol=1e-4)
+def text_encoder_inputs(model: BlipDiffusion, run) -> torch.Tensor:
+    """The token embeddings (subject embeddings inserted) that ``run()`` hands the text encoder."""
+    seen = []
+    hook = model.text_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        hook.remove()
+    (inputs,) = seen
+    return inputs
+
+
+def token_embeddings(model: BlipDiffusion, text: str, length: int) -> torch.Tensor:
+    ids = model.tokenizer([text], padding="max_length", truncation=True, max_length=length,
+                          return_tensors="pt").input_ids
+    return model.text_encoder.token_embeddings(ids)[0]
+
+
+def test_dropped_rows_keep_the_template_text_without_subject_embeddings(tiny_model):
+    """As the authors drop the subject: a dropped row's text is the same template, within the same 61-token
+    budget as a subject row, padded to 77 instead of taking the 16 embeddings."""
+    short = training_prompt("a dog on the grass", "Dog")
+    long = training_prompt("a dog " + "sitting on the grass " * 20, "Dog")
+    prompts = [short, short, long, long]
+    ctx = torch.randn(4, NUM_QUERY_TOKENS, tiny_model.text_encoder.config.hidden_size)
+    keep = torch.tensor([True, False, True, False])
+    inputs = text_encoder_inputs(tiny_model, lambda: tiny_model.text_conditioning(prompts, ctx, keep))
+
+    tokenizer = tiny_model.tokenizer
+    pad = tiny_model.text_encoder.token_embeddings(torch.tensor([[tokenizer.pad_token_id]]))[0, 0]
+    for subject, dropped in ((0, 1), (2, 3)):
+        ids = tokenizer([prompts[subject]], padding="max_length", truncation=True, max_length=61,
+                        return_tensors="pt").input_ids
+        with_ctx = tiny_model.text_encoder.token_embeddings(ids, ctx[subject:subject + 1], tokenizer.eos_token_id)
+        assert torch.equal(inputs[subject], with_ctx[0])  # subject rows: 61 text tokens and 16 embeddings
+        assert torch.equal(inputs[dropped, :61], tiny_model.text_encoder.token_embeddings(ids)[0])
+        assert torch.equal(inputs[dropped, 61:], pad.expand(NUM_QUERY_TOKENS, -1))
+        assert not torch.isclose(inputs[dropped], ctx[dropped, :1]).all(dim=1).any()
+    assert int((ids[0] == tokenizer.eos_token_id).int().argmax()) == 60  # the long prompt was cut at 61 tokens
+    assert torch.equal(inputs[1], token_embeddings(tiny_model, short, 77))
+    assert not torch.equal(inputs[1], token_embeddings(tiny_model, "a dog on the grass", 77))
+
+
+def test_training_drops_the_subject_embeddings_not_the_template(tiny_model, monkeypatch):
+    monkeypatch.setattr(tiny_model, "drop_subject_prob", 1.0)
+    captions, categories = ["a dog on grass", "a red cup"], ["Dog", "Cup"]
+    torch.manual_seed(0)
+    inputs = text_encoder_inputs(tiny_model, lambda: tiny_model(
+        torch.randn(2, 3, 32, 32), captions, categories, target=torch.rand(2, 3, 64, 64) * 2 - 1))
+    for row, (caption, category) in enumerate(zip(captions, categories)):
+        assert torch.equal(inputs[row], token_embeddings(tiny_model, training_prompt(caption, category), 77))
+
+
+def test_without_subject_embeddings_a_prompt_keeps_77_tokens(tiny_model):
+    """The unconditional branch of generation: the negative prompt alone, as diffusers' pipeline has it."""
+    negative = "a blurry photo of " + "a dog on the grass " * 20
+    inputs = text_encoder_inputs(tiny_model, lambda: tiny_model.text_conditioning([negative], None))
+    assert torch.equal(inputs[0], token_embeddings(tiny_model, negative, 77))
 
 
 def test_generate_is_seeded(tiny_model):

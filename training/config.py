@@ -29,7 +29,8 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="per worker")
     max_steps: int = Field(1000, ge=0)
     seed: int = 0
-    lr: float = Field(2e-6, gt=0)
+    lr: float = Field(2e-6, gt=0, description="not scaled by the trainer: the paper's 2e-6 is for a total batch "
+                                          "(workers x batch_size) of 16; scale it with the total batch")
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     drop_subject_prob: float = Field(0.15, ge=0, le=1)

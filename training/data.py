@@ -442,14 +442,14 @@ def subject_pixels(data: bytes, box: list[float], size: int, rng: np.random.Gene
 
 
 def target_pixels(data: bytes, size: int) -> np.ndarray:
-    """The photo resized so its short side is ``size``, centre-cropped square, in [-1, 1]: (3, size, size)."""
+    """The photo's centred square resized bicubic to ``size``, in [-1, 1]: (3, size, size). The authors'
+    target transform (``Resize(size, BICUBIC)``, ``CenterCrop(size)``), resizing only the part it keeps."""
     image = Image.open(io.BytesIO(data))
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
     image, crop = _decode_for_crop(image, (left, top, left + side, top + side), size)
-    # bilinear, as the diffusers training scripts resize their targets
-    resized = image.resize((size, size), Image.Resampling.BILINEAR, box=crop)
+    resized = image.resize((size, size), Image.Resampling.BICUBIC, box=crop)
     pixels = np.asarray(resized, dtype=np.float32)
     pixels *= 1 / 127.5
     pixels -= 1.0

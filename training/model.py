@@ -393,28 +393,25 @@ class BlipDiffusion(nn.Module):
         return self.tokenizer(texts, padding="max_length", truncation=True, max_length=length,
                               return_tensors="pt").input_ids.to(device)
 
-    def text_conditioning(self, prompts: list[str], ctx: torch.Tensor | None, with_subject: torch.Tensor | None = None,
-                          plain_texts: list[str] | None = None) -> torch.Tensor:
-        """UNet conditioning (B, 77, H). Rows with ``with_subject`` get ``prompts[i]`` (61 tokens) with their
-        16 subject embeddings before the end-of-text token; the other rows get ``plain_texts[i]`` alone (77)."""
+    def text_conditioning(self, prompts: list[str], ctx: torch.Tensor | None,
+                          with_subject: torch.Tensor | None = None) -> torch.Tensor:
+        """UNet conditioning (B, 77, H). With ``ctx`` (B, 16, H) every prompt keeps its first 61 tokens; rows
+        with ``with_subject`` (default: all) get their 16 subject embeddings just before the end-of-text
+        token, the other rows the same tokens padded to 77: the authors' subject drop leaves the text as it
+        is and only takes the embeddings out. Without ``ctx`` a prompt keeps 77 tokens."""
         device = self.text_encoder.device
         full = self.tokenizer.model_max_length
-        rows = len(prompts)
-        with_subject = torch.ones(rows, dtype=torch.bool) if with_subject is None else with_subject.cpu()
-        embeds: list[torch.Tensor | None] = [None] * rows
+        if ctx is None:
+            return self.text_encoder(self.text_encoder.token_embeddings(self._tokens(prompts, full, device)))
+        slots = ctx.shape[1]
+        ids = self._tokens(prompts, full - slots, device)
+        embeds = self.text_encoder.token_embeddings(F.pad(ids, (0, slots), value=self.tokenizer.pad_token_id))
+        with_subject = torch.ones(len(prompts), dtype=torch.bool) if with_subject is None else with_subject.cpu()
         subject_rows = with_subject.nonzero().flatten().tolist()
         if subject_rows:
-            ids = self._tokens([prompts[i] for i in subject_rows], full - ctx.shape[1], device)
-            inserted = self.text_encoder.token_embeddings(ids, ctx[subject_rows], self.tokenizer.eos_token_id)
-            for row, embed in zip(subject_rows, inserted):
-                embeds[row] = embed
-        plain_rows = (~with_subject).nonzero().flatten().tolist()
-        if plain_rows:
-            texts = plain_texts if plain_texts is not None else prompts
-            plain = self.text_encoder.token_embeddings(self._tokens([texts[i] for i in plain_rows], full, device))
-            for row, embed in zip(plain_rows, plain):
-                embeds[row] = embed
-        return self.text_encoder(torch.stack(embeds))
+            embeds[subject_rows] = self.text_encoder.token_embeddings(ids[subject_rows], ctx[subject_rows],
+                                                                      self.tokenizer.eos_token_id)
+        return self.text_encoder(embeds)
 
     def forward(self, pixel_values: torch.Tensor, captions: list[str], categories: list[str],
                 target: torch.Tensor | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
@@ -434,7 +431,7 @@ class BlipDiffusion(nn.Module):
         ctx = self.subject_embeddings(pixel_values, categories)
         with_subject = torch.rand(len(captions)) >= self.drop_subject_prob
         hidden = self.text_conditioning([training_prompt(c, k) for c, k in zip(captions, categories)], ctx,
-                                        with_subject, plain_texts=captions)
+                                        with_subject)
         predicted = self.unet(noisy, steps, encoder_hidden_states=hidden).sample
         loss = F.mse_loss(predicted.float(), noise.float())
         if not bool(with_subject.any()):
@@ -453,7 +450,7 @@ class BlipDiffusion(nn.Module):
     def generate(self, subject_image: Image.Image, category: str, prompt: str, steps: int = 50,
                  guidance: float = 7.5, seed: int = 0, negative_prompt: str = "") -> Image.Image:
         """Zero-shot subject-driven generation with classifier-free guidance (the unconditional branch
-        sees ``negative_prompt`` without subject embeddings, as in training's dropped rows)."""
+        sees ``negative_prompt`` alone, 77 tokens without subject embeddings, as diffusers' pipeline)."""
         import diffusers
 
         device = self.unet.device
@@ -462,9 +459,8 @@ class BlipDiffusion(nn.Module):
         scheduler = scheduler_class.from_config(self.scheduler_config)
         scheduler.set_timesteps(steps)
         ctx = self.subject_embeddings(self.subject_pixels(subject_image).to(device), [category])
-        hidden = self.text_conditioning([training_prompt(prompt, category), negative_prompt], ctx.repeat(2, 1, 1),
-                                        torch.tensor([True, False]))
-        hidden = torch.cat([hidden[1:], hidden[:1]])  # unconditional first
+        hidden = torch.cat([self.text_conditioning([negative_prompt], None),  # unconditional first
+                            self.text_conditioning([training_prompt(prompt, category)], ctx)])
         generator = torch.Generator().manual_seed(seed)
         side = self.unet.config.sample_size
         latents = torch.randn((1, self.unet.config.in_channels, side, side), generator=generator).to(device)

@@ -339,8 +339,10 @@ def train_loop(config_dict: dict) -> None:
         if reports != bad_shard_reports:  # the names are gathered only when a rank met another broken shard
             bad_shard_reports, corrupt_shards = reports, all_ranks_union(reader.position.bad_shards)
         seconds = time.perf_counter() - started
+        # the lr goes with the total batch (DDP averages the workers' gradients): 2e-6 with 16 in the paper
+        total_batch = config.batch_size * world
         record = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-                  "samples_per_s": config.batch_size * world / seconds, "data_wait": waited / seconds,
+                  "total_batch": total_batch, "samples_per_s": total_batch / seconds, "data_wait": waited / seconds,
                   "epoch": reader.position.epoch, "corrupt_samples": int(corrupt), "corrupt_shards": corrupt_shards}
         if rank == 0:
             if step % config.log_every == 0 or step == config.max_steps:

@@ -1,0 +1,114 @@
+"""The project's BLIP-Diffusion against diffusers' own (0.39.0 under transformers 4.53.3, the last versions it
+runs under): a tiny random model built and run by diffusers' classes (tools/diffusers_reference.py) is
+committed with its outputs, and the project's model must load it whole and reproduce them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from subjectpairs.training.model import BlipDiffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ROOT / "tests" / "data" / "diffusers-tiny-blipdiffusion"
+SCRIPT = ROOT / "tools" / "diffusers_reference.py"
+PARITY_VENV = ROOT / ".parity-venv"
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, np.ndarray]:
+    with np.load(FOLDER / "reference.npz") as stored:
+        return {name: stored[name] for name in stored.files}
+
+
+@pytest.fixture(scope="module")
+def model() -> BlipDiffusion:
+    return BlipDiffusion.from_pretrained(FOLDER).eval()
+
+
+def _saved_weights(part: str) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted((FOLDER / part).glob("*.safetensors")):
+        weights.update(load_file(file))
+    assert weights, part
+    return weights
+
+
+def test_the_diffusers_folder_loads_with_every_weight(model):
+    """Every tensor that diffusers saved is in the project's model, unchanged, and the model has nothing else
+    (nothing left at a random initial value)."""
+    parts = {"qformer": model.qformer, "text_encoder": model.text_encoder, "unet": model.unet, "vae": model.vae}
+    for part, module in parts.items():
+        saved = _saved_weights(part)
+        if part == "text_encoder":  # transformers 4 nested CLIP's text encoder under text_model.
+            saved = {name.removeprefix("text_model."): tensor for name, tensor in saved.items()}
+        ours = module.state_dict()
+        # diffusers' Q-Former and text encoder save their position-id buffers; ours compute them
+        for name in [name for name in saved if name.endswith("position_ids") and name not in ours]:
+            position_ids = saved.pop(name)
+            assert torch.equal(position_ids.flatten(), torch.arange(position_ids.numel())), f"{part}: {name}"
+        assert sorted(set(saved) - set(ours)) == [], f"{part}: saved weights the model does not take"
+        assert sorted(set(ours) - set(saved)) == [], f"{part}: weights the folder does not give"
+        changed = [name for name, tensor in saved.items() if not torch.equal(ours[name], tensor)]
+        assert changed == [], f"{part}: loaded weights differ from the saved ones"
+
+
+def test_tokenizers_give_diffusers_ids(model, reference):
+    ids = model.tokenizer([str(reference["built_prompt"])], padding="max_length", truncation=True,
+                          max_length=reference["prompt_ids"].shape[1], return_tensors="pt").input_ids
+    assert ids.tolist() == reference["prompt_ids"].tolist()
+    assert "[DEC]" in model.qformer_tokenizer.get_vocab()
+    assert len(model.qformer_tokenizer) == model.qformer.config.qformer_config.vocab_size
+
+
+def test_subject_image_preprocessing_matches_diffusers(model, reference):
+    pixels = model.subject_pixels(Image.fromarray(reference["reference_image"]))
+    np.testing.assert_allclose(pixels.numpy(), reference["pixel_values"], rtol=0, atol=TOLERANCE)
+
+
+def test_qformer_subject_embeddings_match_diffusers(model, reference):
+    with torch.no_grad():
+        embeddings = model.subject_embeddings(torch.from_numpy(reference["pixel_values"]), [str(reference["category"])])
+    np.testing.assert_allclose(embeddings.numpy(), reference["subject_embeddings"], rtol=0, atol=TOLERANCE)
+
+
+def test_text_encoder_states_match_diffusers(model, reference):
+    """diffusers' states for the inference prompt with the subject embeddings at ``ctx_begin_pos``."""
+    at = int(reference["ctx_begin_pos"])
+    with torch.no_grad():
+        tokens = model.text_encoder.token_embeddings(torch.from_numpy(reference["prompt_ids"]))
+        inserted = torch.cat([tokens[:, :at], torch.from_numpy(reference["subject_embeddings"]), tokens[:, at:]], dim=1)
+        states = model.text_encoder(inserted)
+    np.testing.assert_allclose(states.numpy(), reference["text_states"], rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.xfail(strict=True, reason="diffusers parity issue, generation item: generate() builds the training "
+                   "prompt \"{prompt}, the {category} is\" with the embeddings before end-of-text, not diffusers' "
+                   "\"a {target} {prompt}\" x 20 with the embeddings at ctx_begin_pos 2")
+def test_generate_reproduces_the_diffusers_image(model, reference):
+    image = model.generate(Image.fromarray(reference["reference_image"]), str(reference["category"]),
+                           str(reference["prompt"]), steps=int(reference["steps"]),
+                           guidance=float(reference["guidance"]), seed=int(reference["seed"]))
+    ours = np.asarray(image, dtype=np.int16)
+    assert ours.shape == reference["generated_uint8"].shape
+    # one grey level: diffusers rounds (x / 2 + 0.5) * 255, the project (x + 1) * 127.5
+    assert int(np.abs(ours - reference["generated_uint8"]).max()) <= 1
+
+
+def test_an_export_loads_into_diffusers_classes(tmp_path):
+    """The project's export, loaded component by component with diffusers' classes (in .parity-venv, where
+    they run), has no missing or unexpected weight and its tokenizers load."""
+    if not (PARITY_VENV / "bin" / "python").exists():
+        pytest.skip(f"no {PARITY_VENV.name}/: create it with `python {SCRIPT.relative_to(ROOT)} --venv-only`")
+    folder = BlipDiffusion.from_config("tiny", seed=0).save_pretrained(tmp_path / "export")
+    checked = subprocess.run([sys.executable, str(SCRIPT), "--check-export", str(folder)],
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

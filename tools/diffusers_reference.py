@@ -35,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_VENV = ROOT / ".parity-venv"
+# Written once every pin is installed: an environment whose install broke off is completed on the next run.
+PARITY_VENV_READY = PARITY_VENV / ".installed"
 REFERENCE_FOLDER = ROOT / "tests" / "data" / "diffusers-tiny-blipdiffusion"
 # torch first and pinned: this machine keeps the CPU build on disk, an unpinned torch pulls the CUDA one.
 TORCH_PIN = "torch==2.13.0"
@@ -62,13 +64,15 @@ def _in_parity_venv() -> bool:
 
 def ensure_parity_venv() -> Path:
     python = PARITY_VENV / "bin" / "python"
-    if python.exists():
+    if PARITY_VENV_READY.exists():
         return python
     started = time.monotonic()
-    venv.create(PARITY_VENV, with_pip=True)
+    if not python.exists():
+        venv.create(PARITY_VENV, with_pip=True)
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, TORCH_PIN], check=True)
     subprocess.run([*pip, *PARITY_PINS], check=True)
+    PARITY_VENV_READY.touch()
     print(f"created {PARITY_VENV} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return python
 

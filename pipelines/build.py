@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -27,15 +28,18 @@ from subjectpairs.configfile import config_yaml
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, contains, output_entries, refuse_overlap
 from subjectpairs.pipelines.captions import Blip2Captioner, Captions, template_caption
-from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, BuildConfig
+from subjectpairs.pipelines.config import BuildConfig
 from subjectpairs.pipelines.fetch import PhotoFetcher
 from subjectpairs.pipelines.pairs import PIPELINE_VERSION, Pair, PairBuilder, PairRequest
 from subjectpairs.pipelines.progress import BuildCounter, BuildProgress
 from subjectpairs.pipelines.rejections import PairRejected, Rejection, count_by_stage, isolate_failures
+from subjectpairs.pipelines.segmenters import SegmenterChoice, load_clipseg, resolve_segmenter
 from subjectpairs.pipelines.shards import (
     CONFIG_FILE, MANIFEST_FILE, REJECTS_FILE, SHARD_PREFIX, STATS_FILE, Candidate, ChunkPlan, ChunkWriter,
     ShardFile, excluded_rejection, file_sha256, load_candidates, plan_chunks, read_exclude, rejects_parquet,
 )
+
+log = logging.getLogger(__name__)
 
 PROGRESS_DIR = ".progress"
 # Threads fetching one batch's photos at once, so slow servers overlap instead of idling the core.
@@ -82,13 +86,13 @@ def sample_json(pair: Pair, candidate: Candidate, captions: list[str], caption_s
 class ChunkBuilder:
     """Builds chunks in one worker process; the segmenter, backgrounds and captions load once."""
 
-    def __init__(self, config: BuildConfig) -> None:
+    def __init__(self, config: BuildConfig, segmenter: SegmenterChoice | None = None) -> None:
         import cv2
 
         cv2.setNumThreads(1)  # one core per task; parallelism comes from Ray
         self.config = config
         self.config_hash = config.config_hash()
-        self.pairs = PairBuilder(config.pair)
+        self.pairs = PairBuilder(config.pair, choice=segmenter)
         self.fetcher = PhotoFetcher(config.fetch)
         self.captions = Captions.from_jsonl(config.captions) if config.captions else Captions()
         self._captioner: Any = None
@@ -230,13 +234,8 @@ class RemoteCaptioner:
 class SegmenterActor:
     """CLIPSeg loaded once, on one GPU when there is one, serving the batches of many CPU tasks."""
 
-    def __init__(self, config_json: str) -> None:
-        from subjectpairs.pipelines.segmenters import ClipSegSegmenter
-
-        settings = BuildConfig.model_validate_json(config_json).pair.segmenter
-        self.segmenter = ClipSegSegmenter.from_pretrained(
-            settings.model or DEFAULT_CLIPSEG, device=settings.device, batch_size=settings.batch_size
-        )
+    def __init__(self, config_json: str, choice: SegmenterChoice) -> None:
+        self.segmenter = load_clipseg(choice, BuildConfig.model_validate_json(config_json).pair.segmenter)
 
     def describe(self) -> tuple[dict[str, Any], tuple[int, int]]:
         return self.segmenter.describe(), self.segmenter.input_size
@@ -272,13 +271,15 @@ class RemoteSegmenter:
 _BUILDERS: dict[str, ChunkBuilder] = {}
 
 
-def build_chunk(config_json: str, plan: ChunkPlan, counter: Any = None, segmenter_actor: Any = None,
-                captioner_actor: Any = None) -> str:
-    """The Ray task: one chunk, on one core, in a worker that keeps its ChunkBuilder between tasks."""
-    if config_json not in _BUILDERS:
+def build_chunk(config_json: str, segmenter: SegmenterChoice, plan: ChunkPlan, counter: Any = None,
+                segmenter_actor: Any = None, captioner_actor: Any = None) -> str:
+    """The Ray task: one chunk, on one core, in a worker that keeps its ChunkBuilder between tasks; the
+    segmenter is the one the driver resolved."""
+    key = f"{config_json}\n{segmenter}"
+    if key not in _BUILDERS:
         _BUILDERS.clear()
-        _BUILDERS[config_json] = ChunkBuilder(BuildConfig.model_validate_json(config_json))
-    builder = _BUILDERS[config_json]
+        _BUILDERS[key] = ChunkBuilder(BuildConfig.model_validate_json(config_json), segmenter)
+    builder = _BUILDERS[key]
     # Proxies live for this task only: a handle kept in the worker would keep its actor (and the GPU or
     # CPU it holds) alive after the build.
     if segmenter_actor is not None:
@@ -295,31 +296,33 @@ def build_chunk(config_json: str, plan: ChunkPlan, counter: Any = None, segmente
             builder.captioner = None
 
 
-def start_model_actors(config: BuildConfig) -> tuple[list[Any], list[Any]]:
+def start_model_actors(config: BuildConfig, segmenter: SegmenterChoice) -> tuple[list[Any], list[Any]]:
     """CLIPSeg and BLIP-2 actors: by default one of each per GPU (sharing it when both run), none
     without GPUs; ``segment_actors`` / ``caption_actors`` set the counts (on CPUs when there are no GPUs)."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    uses_clipseg = segmenter.name == "clipseg"
     segmenters = config.segment_actors
     if segmenters is None:
-        segmenters = gpus if config.uses_clipseg() else 0
+        segmenters = gpus if uses_clipseg else 0
     captioners = config.caption_actors
     if captioners is None:
         captioners = gpus if config.captioner.model is not None else 0
-    if segmenters and not config.uses_clipseg():
-        raise InputError("segment_actors serve CLIPSeg: set pair.segmenter.kind=clipseg (or a model)")
+    if segmenters and not uses_clipseg:
+        raise InputError(f"segment_actors serve CLIPSeg and this build runs GrabCut ({segmenter.reason}): "
+                         "set pair.segmenter.kind=clipseg (or a model)")
     if captioners and config.captioner.model is None:
         raise InputError("caption_actors serve BLIP-2: set captioner.model")
     share = 0.5 if segmenters and captioners else 1.0
     resources = {"num_gpus": share} if gpus else {"num_cpus": 1}
     config_json = config.model_dump_json()
 
-    def start(actor: type, count: int) -> list[Any]:
+    def start(actor: type, count: int, *args: Any) -> list[Any]:
         remote = ray.remote(actor).options(max_restarts=3, max_task_retries=3, **resources)
-        return [remote.remote(config_json) for _ in range(count)]
+        return [remote.remote(config_json, *args) for _ in range(count)]
 
-    return start(SegmenterActor, segmenters), start(CaptionerActor, captioners)
+    return start(SegmenterActor, segmenters, segmenter), start(CaptionerActor, captioners)
 
 
 @dataclass
@@ -520,21 +523,28 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     return BuildPlan(candidates, plans, to_build, excluded)
 
 
-def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bool = True) -> BuildReport:
+def run_build(config: BuildConfig, *, overwrite: bool = False, show_progress: bool = True,
+              warn: Callable[[str], None] = log.warning) -> BuildReport:
     """The build job (see the module docstring), with every local path made absolute, and its output folder
-    checked against the inputs and locked for the whole run."""
+    checked against the inputs and locked for the whole run. The segmenter is resolved first, once: ``warn``
+    gets the line saying that ``auto`` fell back to GrabCut, and ``require_clipseg`` makes that an
+    InputError before anything is written."""
     started = time.perf_counter()
     config = config.with_absolute_paths()
+    segmenter = resolve_segmenter(config.pair.segmenter)
+    warning = segmenter.warning()
+    if warning is not None:
+        warn(warning)
     refuse_overwriting_inputs(config)
     # A given candidates table is read and checked before the output folder is touched, so bad input leaves
     # no folder behind; the filter stage writes inside the output folder, so it runs under the lock.
     planned = plan_build(config) if config.candidates is not None else None
     with OutputLock(config.out, "build"):
-        return _build_locked(config, planned or plan_build(config), overwrite, show_progress, started)
+        return _build_locked(config, segmenter, planned or plan_build(config), overwrite, show_progress, started)
 
 
-def _build_locked(config: BuildConfig, planned: BuildPlan, overwrite: bool, show_progress: bool,
-                  started: float) -> BuildReport:
+def _build_locked(config: BuildConfig, segmenter: SegmenterChoice, planned: BuildPlan, overwrite: bool,
+                  show_progress: bool, started: float) -> BuildReport:
     import ray
 
     candidates, plans, to_build, excluded = planned.candidates, planned.plans, planned.to_build, planned.excluded
@@ -548,7 +558,7 @@ def _build_locked(config: BuildConfig, planned: BuildPlan, overwrite: bool, show
         try:
             # the counter only feeds the progress bar: without one, no extra actor process
             counter = ray.remote(num_cpus=0)(BuildCounter).remote() if show_progress else None
-            segmenters, captioners = start_model_actors(config)
+            segmenters, captioners = start_model_actors(config, segmenter)
             task = ray.remote(build_chunk).options(num_cpus=1, max_retries=3)
             limit = config.max_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
             config_json = config.model_dump_json()
@@ -561,9 +571,9 @@ def _build_locked(config: BuildConfig, planned: BuildPlan, overwrite: bool, show
                 while queue or running:
                     while queue and len(running) < limit:
                         plan = queue.pop(0)
-                        segmenter = segmenters[plan.index % len(segmenters)] if segmenters else None
+                        segment_actor = segmenters[plan.index % len(segmenters)] if segmenters else None
                         captioner = captioners[plan.index % len(captioners)] if captioners else None
-                        running[task.remote(config_json, plan, counter, segmenter, captioner)] = plan
+                        running[task.remote(config_json, segmenter, plan, counter, segment_actor, captioner)] = plan
                     finished, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                     for ref in finished:
                         plan = running.pop(ref)
@@ -576,13 +586,14 @@ def _build_locked(config: BuildConfig, planned: BuildPlan, overwrite: bool, show
             if owns_ray:
                 ray.shutdown()
 
-    return _finish(config, plans, records, resumed, time.perf_counter() - started, excluded, retried)
+    return _finish(config, segmenter, plans, records, resumed, time.perf_counter() - started, excluded, retried)
 
 
-def _finish(config: BuildConfig, plans: list[ChunkPlan], records: dict[int, ChunkRecord], resumed: int,
-            wall_seconds: float, excluded: list[Rejection] | None = None, retried: int = 0) -> BuildReport:
-    """Manifest, rejects and stats of the whole build; ``plans`` hold every candidate (excluded ones too),
-    ``excluded`` the rejections of the candidates the exclude file kept out of the chunks, ``retried`` the
+def _finish(config: BuildConfig, segmenter: SegmenterChoice, plans: list[ChunkPlan],
+            records: dict[int, ChunkRecord], resumed: int, wall_seconds: float,
+            excluded: list[Rejection] | None = None, retried: int = 0) -> BuildReport:
+    """Manifest, rejects and stats of the whole build (stats name the segmenter that ran and why); ``plans``
+    hold every candidate (excluded ones too), ``excluded`` the rejections of the candidates the exclude file kept out of the chunks, ``retried`` the
     candidates an earlier run rejected for a retryable reason and this one tried again."""
     ordered = [records[plan.index] for plan in plans]
     shards = [asdict(shard) for record in ordered for shard in record.shards]
@@ -610,6 +621,7 @@ def _finish(config: BuildConfig, plans: list[ChunkPlan], records: dict[int, Chun
         "chunks": len(plans),
         "chunks_resumed": resumed,
         "retried": retried,
+        "segmenter": segmenter.record(),
     }
     reject_table, reject_bytes = rejects_parquet(rejects)
     with storage.StagedOutputs(config.out) as staged:

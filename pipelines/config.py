@@ -18,13 +18,23 @@ class _Settings(BaseModel):
 
 
 class SegmenterConfig(_Settings):
-    # auto: CLIPSeg when weights are configured or already on disk, otherwise GrabCut (works offline).
+    # auto: CLIPSeg when weights are configured or in the local hub cache, otherwise GrabCut (works offline,
+    # with a warning: it is not the paper's recipe).
     kind: Literal["auto", "clipseg", "grabcut"] = "auto"
     model: str | None = Field(None, description=f"CLIPSeg hub id or folder (clipseg default: {DEFAULT_CLIPSEG})")
+    require_clipseg: bool = Field(
+        False, description="stop at start-up instead of letting auto fall back to GrabCut (the paper's recipe only)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     batch_size: int = Field(32, ge=1)
     grabcut_iterations: int = Field(3, ge=1, le=20)
     grabcut_side: int = Field(128, ge=32, description="short side GrabCut works at; its mask is upsampled")
+
+    @model_validator(mode="after")
+    def _clipseg_possible(self) -> "SegmenterConfig":
+        if self.require_clipseg and self.kind == "grabcut":
+            raise ValueError("require_clipseg contradicts kind grabcut")
+        return self
 
 
 class TrimapConfig(_Settings):
@@ -241,11 +251,6 @@ class BuildConfig(_Settings):
         settings["captioner"]["ranker"] = source(self.captioner.ranker)
         return BuildConfig.model_validate(settings)
 
-    def uses_clipseg(self) -> bool:
-        return self.pair.segmenter.kind == "clipseg" or (
-            self.pair.segmenter.kind == "auto" and self.pair.segmenter.model is not None
-        )
-
     def config_hash(self) -> str:
         """SHA-256 of the settings that decide the shards' bytes (not where or how fast they are made)."""
         settings = self.model_dump(mode="json", exclude=set(self.RUNTIME_KEYS))
@@ -259,6 +264,8 @@ class BuildConfig(_Settings):
             # the bounds decide nothing then: such a build makes the shards of one before the gate existed,
             # and keeps its hash
             del settings["pair"]["quality"]
+        # whether a fallback may run, not what runs: a build that passes with it makes the same shards
+        del settings["pair"]["segmenter"]["require_clipseg"]
         if self.captioner.model is None:
             settings["captioner"] = self.UNUSED_CAPTIONER
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -23,7 +23,7 @@ from subjectpairs.pipelines.images import decode_image, encode_jpeg, encode_png,
 from subjectpairs.pipelines.matting import matte
 from subjectpairs.pipelines.quality import pair_metrics, quality_gate
 from subjectpairs.pipelines.rejections import PairRejected, Rejection, isolate_failures
-from subjectpairs.pipelines.segmenters import Segmenter, build_segmenter, prompt_for
+from subjectpairs.pipelines.segmenters import Segmenter, SegmenterChoice, build_segmenter, prompt_for
 from subjectpairs.pipelines.trimap import make_trimap, read_trimap
 
 PIPELINE_VERSION = "2"  # 2: background_pool in the pair json
@@ -163,9 +163,12 @@ class PairBuilder:
     exception that stops the batch."""
 
     def __init__(
-        self, config: PairConfig, segmenter: Segmenter | None = None, backgrounds: BackgroundPool | None = None
+        self, config: PairConfig, segmenter: Segmenter | None = None, backgrounds: BackgroundPool | None = None,
+        choice: SegmenterChoice | None = None,
     ) -> None:
+        """``choice``: the segmenter a driver resolved for the whole run (default: resolved here)."""
         self.config = config
+        self.choice = choice
         self._segmenter = segmenter
         self.backgrounds = backgrounds or BackgroundPool.from_entries(config.composite.backgrounds)
 
@@ -173,7 +176,7 @@ class PairBuilder:
     def segmenter(self) -> Segmenter:
         # Built on first need: a batch where every trimap is given never loads a model.
         if self._segmenter is None:
-            self._segmenter = build_segmenter(self.config.segmenter)
+            self._segmenter = build_segmenter(self.config.segmenter, self.choice)
         return self._segmenter
 
     @segmenter.setter

@@ -6,8 +6,8 @@ trimap stage does not care which one ran.
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -15,8 +15,6 @@ import numpy as np
 from subjectpairs.errors import InputError
 from subjectpairs.pipelines.boxes import Box
 from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, SegmenterConfig
-
-log = logging.getLogger(__name__)
 
 
 class Segmenter(Protocol):
@@ -168,21 +166,88 @@ class GrabCutSegmenter:
         return [self.segment_one(image, box) for image, box in zip(images, boxes)]
 
 
-def build_segmenter(config: SegmenterConfig) -> Segmenter:
-    """The configured segmenter. ``auto`` takes CLIPSeg when a model is configured or the default one
-    is already on disk, and otherwise GrabCut, which needs no weights (and says why in each pair's
-    metadata)."""
+# A cached CLIPSeg is its config and one of its weight formats (the processor's small files are named
+# differently across transformers versions; a worker that misses one fetches it).
+CLIPSEG_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# Kept word for word: it is in the metadata of every pair an ``auto`` build made with GrabCut, so those
+# shards stay byte-identical.
+NO_CLIPSEG = f"no CLIPSeg weights configured and {DEFAULT_CLIPSEG} is not on disk"
+
+
+@dataclass(frozen=True)
+class SegmenterChoice:
+    """Which segmenter a run uses and why, decided once before any photo is segmented (in a build, by the
+    driver before Ray starts, so every worker runs the same one)."""
+
+    name: Literal["clipseg", "grabcut"]
+    requested: str  # the configured kind: auto, clipseg or grabcut
+    reason: str
+    model: str | None = None  # the CLIPSeg hub id or folder
+
+    @property
+    def fallback(self) -> bool:
+        """``auto`` found no CLIPSeg and took GrabCut: not the paper's recipe, and not chosen knowingly."""
+        return self.requested == "auto" and self.name == "grabcut"
+
+    def record(self) -> dict[str, Any]:
+        """What ran and why, for stats.json."""
+        record: dict[str, Any] = {"name": self.name, "requested": self.requested, "reason": self.reason,
+                                  "fallback": self.fallback}
+        if self.model is not None:
+            record["model"] = self.model
+        return record
+
+    def warning(self) -> str | None:
+        """One line for start-up when ``auto`` fell back to GrabCut, else None."""
+        if not self.fallback:
+            return None
+        return (f"segmenter auto fell back to GrabCut ({self.reason}): the paper segments with CLIPSeg; "
+                f"pass --model {DEFAULT_CLIPSEG} to use it (the weights download once into the hub cache), "
+                "or --segmenter grabcut to choose GrabCut knowingly; --require-clipseg makes this an error")
+
+
+def clipseg_in_hub_cache(source: str = DEFAULT_CLIPSEG) -> bool:
+    """Whether the local hub cache holds CLIPSeg's config and weights from ``source``: a look at the disk,
+    no network and no model load."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(source, filename), str)
+
+    return cached("config.json") and any(cached(name) for name in CLIPSEG_WEIGHTS)
+
+
+def resolve_segmenter(config: SegmenterConfig) -> SegmenterChoice:
+    """The segmenter ``config`` asks for. ``auto`` takes CLIPSeg when a model is configured or the default
+    one is in the local hub cache, and otherwise GrabCut, which needs no weights; with ``require_clipseg``
+    that fallback is an InputError instead."""
     if config.kind == "grabcut":
-        return GrabCutSegmenter(config.grabcut_iterations, config.grabcut_side)
-    if config.kind == "clipseg" or config.model is not None:
-        return ClipSegSegmenter.from_pretrained(
-            config.model or DEFAULT_CLIPSEG, device=config.device, batch_size=config.batch_size
-        )
-    try:
-        return ClipSegSegmenter.from_pretrained(
-            DEFAULT_CLIPSEG, device=config.device, batch_size=config.batch_size, local_files_only=True
-        )
-    except InputError:
-        why = f"no CLIPSeg weights configured and {DEFAULT_CLIPSEG} is not on disk"
-        log.info("segmenter: GrabCut (%s)", why)
-        return GrabCutSegmenter(config.grabcut_iterations, config.grabcut_side, why=why)
+        return SegmenterChoice("grabcut", "grabcut", "configured as kind grabcut")
+    if config.kind == "clipseg":
+        return SegmenterChoice("clipseg", "clipseg", "configured as kind clipseg",
+                               config.model or DEFAULT_CLIPSEG)
+    if config.model is not None:
+        return SegmenterChoice("clipseg", "auto", "auto, a CLIPSeg model is configured", config.model)
+    if clipseg_in_hub_cache():
+        return SegmenterChoice("clipseg", "auto", f"auto, {DEFAULT_CLIPSEG} is in the local hub cache",
+                               DEFAULT_CLIPSEG)
+    if config.require_clipseg:
+        raise InputError(f"CLIPSeg is required (--require-clipseg) but segmenter auto would fall back to "
+                         f"GrabCut: {NO_CLIPSEG}; pass --model {DEFAULT_CLIPSEG} (downloads the weights) "
+                         "or --model with a CLIPSeg folder")
+    return SegmenterChoice("grabcut", "auto", NO_CLIPSEG)
+
+
+def load_clipseg(choice: SegmenterChoice, config: SegmenterConfig) -> ClipSegSegmenter:
+    assert choice.model is not None, "a CLIPSeg choice names its model"
+    return ClipSegSegmenter.from_pretrained(choice.model, device=config.device, batch_size=config.batch_size)
+
+
+def build_segmenter(config: SegmenterConfig, choice: SegmenterChoice | None = None) -> Segmenter:
+    """The segmenter ``choice`` names (by default the one ``config`` resolves to). A GrabCut that ``auto``
+    fell back to says why in each pair's metadata."""
+    choice = choice or resolve_segmenter(config)
+    if choice.name == "clipseg":
+        return load_clipseg(choice, config)
+    why = choice.reason if choice.fallback else ""
+    return GrabCutSegmenter(config.grabcut_iterations, config.grabcut_side, why=why)

@@ -34,6 +34,10 @@ def _print_error(headline: str, details: str = "") -> None:
     errors.print(Text.assemble((headline, "bold red"), details), highlight=False, soft_wrap=True)
 
 
+def _print_warning(message: str) -> None:
+    _print_error("WARNING:", f" {message}")
+
+
 def _fail(message: str) -> typer.Exit:
     _print_error("error:", f" {message}")
     return typer.Exit(code=2)
@@ -140,6 +144,9 @@ def pair_command(
     ] = None,
     segmenter: Annotated[Optional[str], typer.Option(help="auto, clipseg or grabcut.")] = None,
     model: Annotated[Optional[str], typer.Option(help="CLIPSeg hub id or local folder.")] = None,
+    require_clipseg: Annotated[
+        bool, typer.Option(help="Stop instead of letting --segmenter auto fall back to GrabCut.")
+    ] = False,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     size: Annotated[Optional[int], typer.Option(help="Short side of the pair (never upscaled).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the background choice and crop.")] = None,
@@ -161,20 +168,26 @@ def pair_command(
     from subjectpairs.pipelines.config import PairConfig
     from subjectpairs.pipelines.pairs import PairBuilder, PairRequest, photo_key, write_pair
     from subjectpairs.pipelines.rejections import Rejection
+    from subjectpairs.pipelines.segmenters import resolve_segmenter
 
     settings = load_config(PairConfig, config, {
         "size": size, "seed": seed, "segmenter.kind": segmenter, "segmenter.model": model,
-        "segmenter.device": device, "trimap.low": low, "trimap.high": high, "trimap.box_gate": box_gate,
+        "segmenter.require_clipseg": require_clipseg or None, "segmenter.device": device,
+        "trimap.low": low, "trimap.high": high, "trimap.box_gate": box_gate,
         "composite.backgrounds": background or None, "quality.enabled": quality_gate,
     })
     try:
+        # a given trimap needs no segmenter: nothing to resolve, nothing to warn about
+        choice = None if trimap is not None else resolve_segmenter(settings.segmenter)
+        if choice is not None and (warning := choice.warning()) is not None:
+            _print_warning(warning)
         subject_box = WHOLE_IMAGE if box is None else Box.parse(box)
         stem = posixpath.splitext(posixpath.basename(image.rstrip("/")))[0]
         request = PairRequest(
             key=photo_key(stem, category), category=category, photo=storage.read_bytes(image), box=subject_box,
             trimap=None if trimap is None else storage.read_bytes(trimap), source=image,
         )
-        builder = PairBuilder(settings)
+        builder = PairBuilder(settings, choice=choice)
         (result,) = builder.build([request])
     except (InputError, ValueError) as exc:
         raise _fail(str(exc)) from exc
@@ -226,6 +239,12 @@ def build_summary(report) -> None:
         console.print(rejects_table(report.rejects))
     stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in stats["stage_seconds"].items())
     console.print(f"stage seconds (summed over workers): {stages}", highlight=False)
+    segmenter = stats["segmenter"]
+    if segmenter["fallback"]:
+        _print_warning(f"segmenter: grabcut instead of CLIPSeg (auto: {segmenter['reason']}); "
+                       "not the paper's recipe")
+    else:
+        console.print(f"segmenter: {segmenter['name']} ({segmenter['reason']})", highlight=False)
 
 
 @app.command("build")
@@ -243,6 +262,9 @@ def build_command(
     captions: Annotated[Optional[str], typer.Option(help="captions.jsonl (image_id, label, captions).")] = None,
     segmenter: Annotated[Optional[str], typer.Option(help="auto, clipseg or grabcut.")] = None,
     model: Annotated[Optional[str], typer.Option(help="CLIPSeg hub id or local folder.")] = None,
+    require_clipseg: Annotated[
+        bool, typer.Option(help="Stop at start-up instead of letting --segmenter auto fall back to GrabCut.")
+    ] = False,
     size: Annotated[Optional[int], typer.Option(help="Short side of the pairs.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of backgrounds and crops.")] = None,
     samples_per_shard: Annotated[Optional[int], typer.Option(help="Candidates planned per shard.")] = None,
@@ -265,12 +287,13 @@ def build_command(
     settings = load_config(BuildConfig, config, {
         "out": out, "candidates": candidates, "images": images, "captions": captions, "limit": limit,
         "exclude": exclude, "address": address, "max_tasks": max_tasks, "pair.composite.backgrounds": backgrounds or None,
-        "pair.segmenter.kind": segmenter, "pair.segmenter.model": model, "pair.size": size, "pair.seed": seed,
+        "pair.segmenter.kind": segmenter, "pair.segmenter.model": model,
+        "pair.segmenter.require_clipseg": require_clipseg or None, "pair.size": size, "pair.seed": seed,
         "shards.samples": samples_per_shard, "filter.bbox": bbox, "filter.classes": classes,
         **parse_settings(set_),
     })
     with input_errors():
-        report = run_build(settings, overwrite=overwrite)
+        report = run_build(settings, overwrite=overwrite, warn=_print_warning)
     build_summary(report)
 
 

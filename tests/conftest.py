@@ -68,6 +68,17 @@ def tiny_clipseg(tmp_path_factory) -> Path:
     return save_tiny_clipseg(tmp_path_factory.mktemp("clipseg") / "tiny-clipseg")
 
 
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty local hub cache in place of the machine's, so what ``auto`` finds does not depend on it."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> dict[str, Path]:
     """Real photos that ship with scikit-image, written as JPEG (and one PNG texture)."""

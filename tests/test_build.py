@@ -175,6 +175,7 @@ def test_excluded_candidates_are_not_built_and_become_review_rejects(first_build
     for name in ("deadline", "max_bytes", "max_redirects"):  # added later still, and at their defaults
         del settings["fetch"][name]
     settings["captioner"] = BuildConfig.UNUSED_CAPTIONER  # no BLIP-2
+    del settings["pair"]["segmenter"]["require_clipseg"]  # whether a build may run, not what it makes
     assert plain.config_hash() == hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     built = run_build(config, show_progress=False)
@@ -433,6 +434,26 @@ def test_clipseg_actor_serves_the_tasks_with_the_same_result(ray_local, demo_inp
     assert shard_bytes(tmp_path / "actor") == shard_bytes(tmp_path / "in-task")
     sample = read_shard(str(tmp_path / "actor" / served.manifest["shards"][0]["name"]))[0]
     assert json.loads(sample["json"])["segmenter"]["model"] == str(tiny_clipseg)
+
+
+def test_auto_without_clipseg_warns_at_start_up_and_records_the_fallback(ray_local, demo_inputs, hub_cache, tmp_path,
+                                                                          capsys):
+    from subjectpairs.cli import build_summary
+    from subjectpairs.pipelines.segmenters import NO_CLIPSEG
+
+    out = tmp_path / "auto"
+    warnings = []
+    config = config_for(out, demo_inputs, pair__segmenter={"kind": "auto"}, pair__quality__enabled=False, limit=3)
+    report = run_build(config, show_progress=False, warn=lambda line: warnings.append((line, out.exists())))
+    ((warning, out_existed),) = warnings
+    assert "fell back to GrabCut" in warning and not out_existed  # said once, before anything was written
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["segmenter"] == {"name": "grabcut", "requested": "auto", "reason": NO_CLIPSEG, "fallback": True}
+    # the workers ran the GrabCut the driver resolved, and each pair says why
+    metas = [json.loads(s["json"]) for shard in out.glob("pairs-*.tar") for s in read_shard(str(shard))]
+    assert metas and all(meta["segmenter"]["why"] == NO_CLIPSEG for meta in metas)
+    build_summary(report)
+    assert "WARNING: segmenter: grabcut instead of CLIPSeg (auto: no CLIPSeg weights" in capsys.readouterr().err
 
 
 def test_captions_come_from_the_file_then_the_captioner(ray_local, demo_inputs, tiny_blip2, tiny_clip,

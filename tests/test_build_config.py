@@ -39,3 +39,10 @@ def test_captioner_settings_count_only_with_a_captioner():
     assert captioned != DEFAULT_HASH
     assert config({"model": "Salesforce/blip2-opt-6.7b", "ranker": None}).config_hash() != captioned
     assert config({"model": "Salesforce/blip2-opt-6.7b", "label_match": "all"}).config_hash() != captioned
+
+
+def test_require_clipseg_stays_out_of_the_hash():
+    # it decides whether a build may run, not what it makes: a build that passes makes the same shards
+    required = BuildConfig.model_validate({"out": "x", "candidates": "c.parquet",
+                                           "pair": {**UNGATED, "segmenter": {"require_clipseg": True}}})
+    assert required.config_hash() == DEFAULT_HASH

@@ -83,6 +83,8 @@ def test_demo(tmp_path):
     assert manifest["pairs"] >= 5 and (rejects["stage"] != "quality").sum() == 2
     assert (tmp_path / "demo" / "contact-sheet.png").stat().st_size > 10_000
     assert "contact sheet" in result.output
+    # the demo chooses GrabCut: the summary says so, without a warning
+    assert "segmenter: grabcut (configured as kind grabcut)" in result.output and "fell back" not in result.output
     assert all(reason in result.output for reason in ("decode_error", "not_found", *rejects["reason"]))
     steps = [json.loads(line)["step"] for line in (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
@@ -101,6 +103,15 @@ def test_build_flags_and_settings_are_validated_before_anything_runs(tmp_path):
     assert result.exit_code == 2 and "pair.colour" in result.output
     result = runner.invoke(app, base)
     assert result.exit_code == 2 and "missing.parquet" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_with_require_clipseg_stops_at_start_up_when_auto_would_fall_back(tmp_path, hub_cache):
+    result = runner.invoke(app, ["build", "--out", str(tmp_path / "out"), "--candidates",
+                                 str(tmp_path / "missing.parquet"), "--require-clipseg"])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()  # resolved before the candidates are read
+    assert line.startswith("error: CLIPSeg is required (--require-clipseg)")
     assert not (tmp_path / "out").exists()
 
 

@@ -92,6 +92,21 @@ def test_given_trimap_skips_segmentation(tmp_path, photos):
     assert np.array_equal(read_image(out / "trimap.png"), drawn)
 
 
+def test_pair_command_says_loudly_when_auto_falls_back_and_require_clipseg_stops_it(tmp_path, photos, hub_cache):
+    args = [str(photos["astronaut"]), "--category", "Person", "--box", ASTRONAUT_BOX, "--background",
+            str(photos["brick"])]
+    result = run_pair(*args, "--out", str(tmp_path / "fallback"))
+    assert result.exit_code == 0, result.output
+    assert "WARNING: segmenter auto fell back to GrabCut" in result.output
+    meta = json.loads((tmp_path / "fallback" / "meta.json").read_text())
+    assert meta["segmenter"]["name"] == "grabcut" and "not on disk" in meta["segmenter"]["why"]
+    chosen = run_pair(*args, "--segmenter", "grabcut", "--out", str(tmp_path / "chosen"))
+    assert chosen.exit_code == 0 and "WARNING" not in chosen.output
+    required = run_pair(*args, "--require-clipseg", "--out", str(tmp_path / "required"))
+    assert required.exit_code == 2 and len(required.output.strip().splitlines()) == 1
+    assert "--require-clipseg" in required.output and not (tmp_path / "required").exists()
+
+
 def test_clipseg_model_folder_from_the_command_line(tmp_path, photos, tiny_clipseg):
     out = tmp_path / "pair"
     # an untrained model's faint map makes a poor matte, which the quality gate would reject

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+
 import cv2
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from skimage import data
 
 from subjectpairs.errors import InputError
 from subjectpairs.pipelines.boxes import Box
-from subjectpairs.pipelines.config import SegmenterConfig
-from subjectpairs.pipelines.segmenters import ClipSegSegmenter, GrabCutSegmenter, build_segmenter, prompt_for
+from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, SegmenterConfig
+from subjectpairs.pipelines.segmenters import (
+    ClipSegSegmenter, GrabCutSegmenter, build_segmenter, prompt_for, resolve_segmenter,
+)
 
 IMAGES = [data.astronaut(), data.coffee(), data.chelsea()]  # 512x512, 400x600, 300x451
 PROMPTS = ["person", "coffee cup", "cat"]
@@ -63,12 +68,45 @@ def test_configured_model_selects_clipseg_and_a_missing_one_is_a_clear_error(tin
         build_segmenter(SegmenterConfig(kind="clipseg", model=str(tmp_path / "nothing-here")))
 
 
-def test_auto_falls_back_to_grabcut_without_weights_and_says_why(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
-    segmenter = build_segmenter(SegmenterConfig())
-    info = segmenter.describe()
+def test_auto_falls_back_to_grabcut_without_weights_and_says_why(hub_cache):
+    choice = resolve_segmenter(SegmenterConfig())
+    assert (choice.name, choice.requested, choice.fallback) == ("grabcut", "auto", True)
+    warning = choice.warning()
+    assert warning is not None and "\n" not in warning
+    assert f"--model {DEFAULT_CLIPSEG}" in warning and "--segmenter grabcut" in warning
+    assert choice.record() == {"name": "grabcut", "requested": "auto", "reason": choice.reason, "fallback": True}
+    info = build_segmenter(SegmenterConfig(), choice).describe()
     assert info["name"] == "grabcut" and "not on disk" in info["why"]
+
+
+def test_grabcut_chosen_knowingly_is_no_fallback():
+    choice = resolve_segmenter(SegmenterConfig(kind="grabcut"))
+    assert choice.name == "grabcut" and not choice.fallback and choice.warning() is None
+    assert "why" not in build_segmenter(SegmenterConfig(kind="grabcut"), choice).describe()
+
+
+def test_require_clipseg_makes_the_fallback_a_one_line_error(hub_cache):
+    with pytest.raises(InputError, match="--require-clipseg") as raised:
+        resolve_segmenter(SegmenterConfig(require_clipseg=True))
+    assert "\n" not in str(raised.value) and f"--model {DEFAULT_CLIPSEG}" in str(raised.value)
+    with pytest.raises(ValidationError, match="contradicts kind grabcut"):
+        SegmenterConfig(kind="grabcut", require_clipseg=True)
+
+
+def test_auto_takes_clipseg_from_a_configured_folder_or_the_hub_cache(tiny_clipseg, hub_cache):
+    configured = resolve_segmenter(SegmenterConfig(model=str(tiny_clipseg), require_clipseg=True))
+    assert (configured.name, configured.model, configured.warning()) == ("clipseg", str(tiny_clipseg), None)
+    # the default model as the hub lays it out in its cache: refs/main names the snapshot holding the files
+    repo = hub_cache / f"models--{DEFAULT_CLIPSEG.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_clipseg, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    cached = resolve_segmenter(SegmenterConfig(require_clipseg=True))
+    assert (cached.name, cached.model, cached.warning()) == ("clipseg", DEFAULT_CLIPSEG, None)
+    assert "hub cache" in cached.reason and not cached.fallback
+    (snapshot / "model.safetensors").unlink()  # without weights CLIPSeg cannot load: not a usable cache
+    assert resolve_segmenter(SegmenterConfig()).fallback
 
 
 # The person in skimage's astronaut photo, traced by hand (x, y in the 512x512 photo).

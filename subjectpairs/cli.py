@@ -395,6 +395,8 @@ def generate_command(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     negative_prompt: Annotated[str, typer.Option(help="Text of the unconditional branch.")] = "",
+    qformer_tokenizer: Annotated[Optional[str], typer.Option(
+        help="BERT tokenizer folder or hub id of the Q-Former (default: the one qformer/config.json names).")] = None,
 ) -> None:
     """Zero-shot subject-driven generation with the project's model code."""
     import torch
@@ -408,7 +410,8 @@ def generate_command(
     except (OSError, UnidentifiedImageError) as exc:
         raise _fail(f"{subject_image}: cannot read the subject image ({exc})") from exc
     try:
-        pipeline = BlipDiffusion.from_pretrained(model)
+        with input_errors():
+            pipeline = BlipDiffusion.from_pretrained(model, qformer_tokenizer=qformer_tokenizer)
     except OSError as exc:
         raise _fail(f"{model}: cannot load the model ({exc})") from exc
     if torch.cuda.is_available():

@@ -43,11 +43,12 @@ class VaeSource:
     seed: int
 
     def load(self):
+        from .model import BlipDiffusion, load_component
+
         if self.init:
             from diffusers import AutoencoderKL
 
-            return AutoencoderKL.from_pretrained(self.init, subfolder="vae")
-        from .model import BlipDiffusion
+            return load_component(AutoencoderKL, self.init, "vae")
 
         return BlipDiffusion.from_config(self.kind, seed=self.seed).vae
 

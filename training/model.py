@@ -39,6 +39,8 @@ from transformers.models.blip_2.modeling_blip_2 import (
     Blip2QFormerEncoder,
 )
 
+from subjectpairs.errors import InputError
+
 from .tiny_tokenizers import tiny_bert_tokenizer, tiny_clip_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,6 +49,14 @@ NUM_QUERY_TOKENS = 16
 DROP_SUBJECT_PROB = 0.15
 SUBJECT_TEXT_TOKENS = 16
 ModelKind = Literal["tiny", "blip-diffusion"]
+# diffusers' Q-Former loads the tokenizer its config names, else this one.
+DEFAULT_QFORMER_TOKENIZER = "bert-base-uncased"
+# What an export names: its own qformer/ folder, relative to the model folder (see load_qformer_tokenizer).
+EXPORT_QFORMER_TOKENIZER = "qformer"
+# Category words that every usable tokenizer has as tokens, the tiny test vocabularies included.
+PROBE_WORDS = ("dog", "cup", "car")
+QFORMER_TOKENIZER_HINT = ("pass a BERT tokenizer folder or hub id: --set qformer_tokenizer=FOLDER (train), "
+                          "--qformer-tokenizer FOLDER (generate), or \"tokenizer\" in qformer/config.json")
 
 
 def training_prompt(caption: str, category: str) -> str:
@@ -292,42 +302,46 @@ class BlipDiffusion(nn.Module):
         whose ``qformer/`` is used, or a Q-Former folder in that layout: a BLIP-2 Q-Former on a CLIP
         ViT-L/14, as the paper pre-trained it).
 
-        The released repository has no Q-Former tokenizer (its pipeline downloads ``bert-base-uncased``);
-        an export keeps one beside the Q-Former. ``qformer_tokenizer`` overrides both."""
+        The Q-Former tokenizer is found as :func:`load_qformer_tokenizer` says (``qformer_tokenizer``
+        first). Every weight file must fit its module exactly (see :func:`load_component`)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         diffusion, qformer = str(diffusion), str(qformer)
         subfolder = _qformer_subfolder(qformer)
-        try:
-            bert = BertTokenizer.from_pretrained(qformer_tokenizer or qformer,
-                                                 subfolder="" if qformer_tokenizer else subfolder,
-                                                 truncation_side="right")
-        except OSError:
-            bert = BertTokenizer.from_pretrained("bert-base-uncased", truncation_side="right")
-        if "[DEC]" not in bert.get_vocab():
-            bert.add_special_tokens({"bos_token": "[DEC]"})
+        bert = load_qformer_tokenizer(qformer, qformer_tokenizer)
+        tokenizer = CLIPTokenizer.from_pretrained(diffusion, subfolder="tokenizer")
+        _check_tokenizes(tokenizer, f"{diffusion}: tokenizer/ (the CLIP tokenizer)",
+                         "a folder with tokenizer/vocab.json and tokenizer/merges.txt")
         processor = _read_image_processor(qformer) if subfolder else {}
         scheduler = dict(DDPMScheduler.load_config(diffusion, subfolder="scheduler"))
         return cls(
-            qformer=SubjectQFormer.from_pretrained(qformer, subfolder=subfolder),
-            text_encoder=ContextCLIPTextModel.from_pretrained(diffusion, subfolder="text_encoder"),
-            unet=UNet2DConditionModel.from_pretrained(diffusion, subfolder="unet"),
-            vae=AutoencoderKL.from_pretrained(diffusion, subfolder="vae"),
-            tokenizer=CLIPTokenizer.from_pretrained(diffusion, subfolder="tokenizer"),
+            qformer=load_component(SubjectQFormer, qformer, subfolder),
+            text_encoder=load_component(ContextCLIPTextModel, diffusion, "text_encoder"),
+            unet=load_component(UNet2DConditionModel, diffusion, "unet"),
+            vae=load_component(AutoencoderKL, diffusion, "vae"),
+            tokenizer=tokenizer,
             qformer_tokenizer=bert,
             scheduler_config=scheduler,
             image_mean=processor.get("image_mean", CLIP_MEAN), image_std=processor.get("image_std", CLIP_STD),
         )
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """The diffusers BLIP-Diffusion layout, safetensors weights."""
+        """The released ``Salesforce/blipdiffusion`` layout, safetensors weights, that diffusers' own
+        classes load: weight names as diffusers' modules have them, the tokenizers as vocabulary files (its
+        slow tokenizer classes read no ``tokenizer.json``), and the Q-Former's tokenizer saved beside it and
+        named in ``qformer/config.json`` (``"tokenizer": "qformer"``; see :func:`load_qformer_tokenizer`)."""
         import diffusers
 
         folder = Path(folder)
         self.qformer.save_pretrained(folder / "qformer")
-        self.qformer_tokenizer.save_pretrained(folder / "qformer")
+        _rewrite_weights(folder / "qformer", "", self.qformer.embeddings.position_ids)
+        config_file = folder / "qformer" / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tokenizer": EXPORT_QFORMER_TOKENIZER},
+                                          indent=2, sort_keys=True))
+        _save_vocabulary_files(self.qformer_tokenizer, folder / "qformer")
         self.text_encoder.save_pretrained(folder / "text_encoder")
-        self.tokenizer.save_pretrained(folder / "tokenizer")
+        _rewrite_weights(folder / "text_encoder", "text_model.", self.text_encoder.embeddings.position_ids)
+        _save_vocabulary_files(self.tokenizer, folder / "tokenizer")
         self.unet.save_pretrained(folder / "unet")
         self.vae.save_pretrained(folder / "vae")
         scheduler_class = getattr(diffusers, self.scheduler_config.get("_class_name", "PNDMScheduler"))
@@ -499,3 +513,115 @@ def _qformer_subfolder(source: str) -> str:
         return "qformer"
     except Exception:  # not found, or offline: a Q-Former repository has its config at the root
         return ""
+
+
+def _has_file(source: str, subfolder: str, name: str) -> bool:
+    local = Path(source)
+    if local.is_dir():
+        return (local / subfolder / name).is_file()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(source, name, subfolder=subfolder or None)
+        return True
+    except Exception:  # not published, or offline
+        return False
+
+
+def _tokenizer_beside_model(qformer: str, subfolder: str, named: str) -> str:
+    """A relative folder named in the Q-Former's config, taken from the model folder (the one holding
+    ``qformer/``), so that a moved or copied export still finds its own tokenizer; anything else (a hub
+    id, an absolute path) as given, as diffusers passes it on."""
+    root = Path(qformer)
+    if not root.is_dir() or Path(named).is_absolute():
+        return named
+    if not subfolder and (root.parent / "model_index.json").is_file():
+        root = root.parent  # the qformer/ folder of a whole model folder, given on its own
+    return str(root / named) if (root / named).is_dir() else named
+
+
+def _check_tokenizes(tokenizer, described: str, hint: str) -> None:
+    """transformers 5 builds a tokenizer of special tokens only, without an error, from a folder without a
+    vocabulary or from a hub id while offline; every word would become the unknown token."""
+    for word in PROBE_WORDS:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if not ids or all(token == tokenizer.unk_token_id for token in ids):
+            raise InputError(f"{described}: a vocabulary of {len(tokenizer)} tokens that cannot tokenize "
+                             f"{word!r}; {hint}")
+
+
+def load_qformer_tokenizer(qformer: str | Path, override: str | None = None) -> BertTokenizer:
+    """The BERT tokenizer of the Q-Former in ``qformer`` (a BLIP-Diffusion or Q-Former folder or hub id),
+    the first of: ``override``; the ``"tokenizer"`` that the Q-Former's ``config.json`` names, which
+    diffusers' Q-Former loads (a relative folder is taken from the model folder); a vocabulary saved beside
+    the Q-Former; ``bert-base-uncased``, diffusers' default. ``[DEC]`` is added as the beginning-of-sequence
+    token, as diffusers does. A tokenizer that does not load or cannot tokenize common category words is an
+    InputError naming what to pass."""
+    qformer = str(qformer)
+    subfolder = _qformer_subfolder(qformer)
+    from transformers import PretrainedConfig
+
+    named = PretrainedConfig.get_config_dict(qformer, subfolder=subfolder)[0].get("tokenizer")
+    if override:
+        source, inner, origin = override, "", "qformer_tokenizer"
+    elif named:
+        config = f"{qformer}/{subfolder}/config.json" if subfolder else f"{qformer}/config.json"
+        source, inner, origin = _tokenizer_beside_model(qformer, subfolder, named), "", f'"tokenizer" in {config}'
+    elif _has_file(qformer, subfolder, "vocab.txt") or _has_file(qformer, subfolder, "tokenizer.json"):
+        source, inner, origin = qformer, subfolder, "saved beside the Q-Former"
+    else:
+        source, inner, origin = DEFAULT_QFORMER_TOKENIZER, "", f"none named or saved in {qformer}, so the default"
+    described = f"Q-Former tokenizer {source}{f'/{inner}' if inner else ''} ({origin})"
+    try:
+        tokenizer = BertTokenizer.from_pretrained(source, subfolder=inner, truncation_side="right")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{described}: cannot load it ({str(exc).splitlines()[0]}); {QFORMER_TOKENIZER_HINT}") from exc
+    _check_tokenizes(tokenizer, described, QFORMER_TOKENIZER_HINT)
+    if "[DEC]" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+def load_component(cls, source: str, subfolder: str):
+    """``cls.from_pretrained`` that stops on weights that do not fit the module exactly: transformers and
+    diffusers leave a missing weight randomly initialised, with a log line at most, and a model on random
+    weights must never pass for a trained one."""
+    from transformers import PreTrainedModel
+
+    where = f"{source}/{subfolder}" if subfolder else source
+    # transformers raises on mismatched shapes without naming them; told to skip them, it lists them
+    options = {"ignore_mismatched_sizes": True} if issubclass(cls, PreTrainedModel) else {}
+    try:
+        model, info = cls.from_pretrained(source, subfolder=subfolder, output_loading_info=True, **options)
+    except ValueError as exc:  # diffusers refuses mismatched shapes itself, naming the first
+        raise InputError(f"{where}: weights do not fit {cls.__name__} ({str(exc).splitlines()[0]})") from exc
+    mismatched = [key if isinstance(key, str) else key[0] for key in info["mismatched_keys"]]
+    problems = [f"{kind} {', '.join(sorted(keys)[:5])}{', ...' if len(keys) > 5 else ''}"
+                for kind, keys in (("missing", info["missing_keys"]), ("unexpected", info["unexpected_keys"]),
+                                   ("mismatched", mismatched)) if keys]
+    if problems:
+        raise InputError(f"{where}: weights do not match {cls.__name__} ({'; '.join(problems)})")
+    return model
+
+
+def _rewrite_weights(folder: Path, prefix: str, position_ids: torch.Tensor) -> None:
+    """Weight names as diffusers' module has them: under ``prefix``, and with the position ids that it
+    keeps as a saved buffer. transformers 5 saves no such buffer, and puts the prefix back only on a
+    module that it loaded through the prefix mapping, not on one built from a config."""
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    weights = {name if name.startswith(prefix) else prefix + name: tensor for name, tensor in load_file(file).items()}
+    weights[f"{prefix}embeddings.position_ids"] = position_ids.detach().cpu().contiguous()
+    save_file(weights, file, metadata={"format": "pt"})
+
+
+def _save_vocabulary_files(tokenizer, folder: Path) -> None:
+    """The tokenizer as the released repository holds it: vocabulary files (``vocab.json`` and
+    ``merges.txt``, or ``vocab.txt``), ``special_tokens_map.json`` and ``tokenizer_config.json``, which
+    diffusers' slow tokenizer classes read. No ``tokenizer.json``: transformers 5 builds the same tokenizer
+    from the vocabulary files."""
+    tokenizer.save_pretrained(folder)
+    tokenizer.backend_tokenizer.model.save(str(folder))
+    (folder / "special_tokens_map.json").write_text(json.dumps(tokenizer.special_tokens_map, indent=2))
+    (folder / "tokenizer.json").unlink()

@@ -489,6 +489,11 @@ def check_model_sources(config: TrainConfig) -> None:
         elif (source.startswith((".", "/", "~")) or source.count("/") > 1
               or (folder.parent.name and folder.parent.is_dir())):  # demo/model where demo/ is a folder here
             raise InputError(f"--{field.replace('_', '-')} {source}: no such folder (and not a hub id)")
+    qformer = config.init or config.qformer
+    if qformer is not None and not storage.is_remote(qformer) and Path(qformer).is_dir():
+        from .model import load_qformer_tokenizer
+
+        load_qformer_tokenizer(qformer, config.qformer_tokenizer)  # a degenerate one fails here, not in every worker
 
 
 def _save_base(config: TrainConfig) -> None:

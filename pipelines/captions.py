@@ -60,6 +60,19 @@ def template_caption(category: str) -> list[str]:
 LabelMatch = Literal["any", "all"]
 
 
+def _load_frozen(model_class: Any, processor_class: Any, source: str, *, dtype: Any, device: str,
+                 what: str) -> tuple[Any, Any]:
+    """A model (frozen, in eval mode, on ``device``) and its processor from a hub id or folder; one
+    InputError naming ``what`` when they do not load."""
+    try:
+        processor = processor_class.from_pretrained(source)
+        model = model_class.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{source}: cannot load {what} ({exc})") from exc
+    model.requires_grad_(False)
+    return model.eval().to(device), processor
+
+
 class ClipRanker:
     """CLIP (transformers ``CLIPModel``) from a hub id or a folder, ordering captions by how well they
     match their photo: the cosine of the projected image and text embeddings, best first."""
@@ -74,13 +87,8 @@ class ClipRanker:
     def from_pretrained(cls, source: str, *, device: str, dtype: Any) -> "ClipRanker":
         from transformers import CLIPModel, CLIPProcessor
 
-        try:
-            processor = CLIPProcessor.from_pretrained(source)
-            model = CLIPModel.from_pretrained(source, dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{source}: cannot load the CLIP caption ranker ({exc})") from exc
-        model.requires_grad_(False)
-        model.eval().to(device)
+        model, processor = _load_frozen(CLIPModel, CLIPProcessor, source, dtype=dtype, device=device,
+                                        what="the CLIP caption ranker")
         return cls(model, processor, source)
 
     def similarities(self, images: Sequence[np.ndarray],
@@ -148,13 +156,8 @@ class Blip2Captioner:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        try:
-            processor = Blip2Processor.from_pretrained(source)
-            model = Blip2ForConditionalGeneration.from_pretrained(source, dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{source}: cannot load BLIP-2 ({exc})") from exc
-        model.requires_grad_(False)
-        model.eval().to(device)
+        model, processor = _load_frozen(Blip2ForConditionalGeneration, Blip2Processor, source, dtype=dtype,
+                                        device=device, what="BLIP-2")
         clip = None if ranker is None else ClipRanker.from_pretrained(ranker, device=device, dtype=dtype)
         return cls(model, processor, source, ranker=clip, keep=keep, label_match=label_match, samples=samples,
                    top_p=top_p, min_length=min_length, max_new_tokens=max_new_tokens, seed=seed)

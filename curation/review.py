@@ -151,14 +151,6 @@ def _group_samples(fo, meta: dict, shard: str, paths: dict[str, Path]) -> list:
     return [composite, target]
 
 
-def _dotted_keys(sample: dict) -> list[str]:
-    """The keys with a dot behind a sample: webdataset cuts member names at the first dot, so the members
-    of ``a.b`` arrive as ``b.input.jpg``, ``b.json``, ... of a sample ``a``."""
-    key = sample["__key__"]
-    return sorted({f"{key}.{name[:-len(member) - 1]}" for name in sample for member in MEMBERS
-                   if name.endswith(f".{member}")})
-
-
 def _checked_meta(sample: dict) -> dict:
     """The sample's json, checked: SampleRejected unless its member key follows the sample-key grammar (it
     names the media files), every member is there, and the json parses, has the fields the review reads
@@ -222,12 +214,8 @@ def build_review(config: ReviewConfig, overwrite: bool = False, progress: bool =
         name = Path(shard.uri.rstrip("/")).name
         try:
             read, refused = {}, []
-            for sample in iter_shard(shard.uri, None):  # every member: a bad name is reported, not skipped
-                dotted = _dotted_keys(sample)
-                refused.extend(RejectedSample(name, key, "invalid_key", "a key with a dot is split there by "
-                                              "webdataset (docs/FORMAT.md)") for key in dotted)
-                if dotted and not any(member in sample for member in MEMBERS):
-                    continue
+            # a key with a dot comes out whole, so the key grammar names it instead of webdataset splitting it
+            for sample in iter_shard(shard.uri, frozenset(MEMBERS)):
                 try:
                     meta, paths = _extract(sample, media, name)
                 except SampleRejected as exc:  # one bad sample is named; the rest of its shard loads

@@ -354,16 +354,15 @@ class PairStream(IterableDataset):
         return collated
 
 
-def iter_shard(uri: str, members: frozenset[str] | None) -> Iterator[dict[str, Any]]:
+def iter_shard(uri: str, members: frozenset[str]) -> Iterator[dict[str, Any]]:
     """A shard's samples in tar order: ``__key__`` and the named members (bytes), the others skipped
-    unread (None: every member, for a reader that names what it cannot use). With named members, a key
-    with a dot comes out whole, for the reader to refuse by the sample-key grammar. Raises when the shard
-    does not open or breaks off."""
+    unread. A key with a dot comes out whole, for the reader to refuse by the sample-key grammar. Raises
+    when the shard does not open or breaks off."""
     with storage.open_input_stream(uri) as stream:
-        files = tar_file_expander([{"url": uri, "stream": stream}], select_files=None if members is None else
-                                  functools.partial(_is_named_member, members=members))
+        files = tar_file_expander([{"url": uri, "stream": stream}],
+                                  select_files=functools.partial(_is_named_member, members=members))
         for sample in group_by_keys(files):
-            yield from [sample] if members is None else _split_dotted_keys(sample, members)
+            yield from _split_dotted_keys(sample, members)
 
 
 def _is_named_member(name: str, members: frozenset[str]) -> bool:

@@ -498,7 +498,7 @@ def review_app_command(
 
     warning = exposure_warning(address)
     if warning:
-        _print_error("WARNING:", f" {warning}")
+        _print_warning(warning)
     with input_errors():
         session = launch_app(name, port=port, address=address)
     console.print(f"FiftyOne App on http://{address}:{port} (Ctrl-C to stop)")

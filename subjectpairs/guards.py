@@ -91,7 +91,8 @@ class OutputInUse(InputError):
 class OutputLock:
     """``<out>/.subjectpairs.lock`` held while a command writes into ``out`` (a context manager).
 
-    Local folders get an exclusive create (``O_EXCL``), so two processes can never both hold it. Object
+    Local folders get an exclusive create (the record is written under a private name and hard-linked into
+    place, which fails when the lock exists), so two processes can never both hold it. Object
     stores have no such primitive that every backend offers: there the lock is written and read back, which
     catches a run that started earlier, not two that start in the same instant (docs/FORMAT.md).
     """

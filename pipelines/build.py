@@ -36,7 +36,8 @@ from subjectpairs.pipelines.rejections import PairRejected, Rejection, count_by_
 from subjectpairs.pipelines.segmenters import SegmenterChoice, load_clipseg, resolve_segmenter
 from subjectpairs.pipelines.shards import (
     CONFIG_FILE, MANIFEST_FILE, REJECTS_FILE, SHARD_PREFIX, STATS_FILE, Candidate, ChunkPlan, ChunkWriter,
-    ShardFile, excluded_rejection, file_sha256, load_candidates, plan_chunks, read_exclude, rejects_parquet,
+    ShardFile, excluded_rejection, file_sha256, is_shard_name, load_candidates, plan_chunks, read_exclude,
+    rejects_parquet,
 )
 
 log = logging.getLogger(__name__)
@@ -357,17 +358,13 @@ def _earlier_build(out: str) -> BuildConfig | None:
                           "or new --out (--overwrite only replaces a build)") from exc
 
 
-def _is_shard_name(name: object) -> bool:
-    return isinstance(name, str) and name.startswith(SHARD_PREFIX) and name.endswith(".tar") and "/" not in name
-
-
 def _is_build_entry(name: str, config: BuildConfig, started: bool) -> bool:
     """Whether ``name`` in the output folder is what a build writes there: the filter stage's folder, and
     once a build has started (written its config.yaml) its files, shards and progress records, also as
     storage's staged copies (``.NAME.tmp-...``, ``.NAME.partial``) that a killed run leaves."""
     if name == storage.local_path(config.filter_out()).name or name == PROGRESS_DIR and started:
         return True
-    staged = name.lstrip(".").split(".tmp-")[0].removesuffix(".partial") if name.startswith(".") else name
+    staged = storage.unstaged_name(name)
     if not started:
         return staged == CONFIG_FILE and staged != name  # the first build's config.yaml, being written
     return staged in OWN_FILES or staged.startswith(SHARD_PREFIX)
@@ -386,7 +383,7 @@ def _recorded_shards(out: str) -> set[str]:
             names.update(shard.name for shard in ChunkRecord.from_json(storage.read_bytes(uri).decode()).shards)
         except (InputError, ValueError, KeyError, TypeError):
             continue  # a torn record: its chunk's shards were never listed, so are not ours to delete
-    return {name for name in names if _is_shard_name(name)}
+    return {name for name in names if is_shard_name(name)}
 
 
 def _clear_output(out: str) -> None:
@@ -593,8 +590,9 @@ def _finish(config: BuildConfig, segmenter: SegmenterChoice, plans: list[ChunkPl
             records: dict[int, ChunkRecord], resumed: int, wall_seconds: float,
             excluded: list[Rejection] | None = None, retried: int = 0) -> BuildReport:
     """Manifest, rejects and stats of the whole build (stats name the segmenter that ran and why); ``plans``
-    hold every candidate (excluded ones too), ``excluded`` the rejections of the candidates the exclude file kept out of the chunks, ``retried`` the
-    candidates an earlier run rejected for a retryable reason and this one tried again."""
+    hold every candidate (excluded ones too), ``excluded`` the rejections of the candidates the exclude file
+    kept out of the chunks, ``retried`` the candidates an earlier run rejected for a retryable reason and
+    this one tried again."""
     ordered = [records[plan.index] for plan in plans]
     shards = [asdict(shard) for record in ordered for shard in record.shards]
     rejects = sorted([*(r for record in ordered for r in record.rejects), *(excluded or [])], key=lambda r: r.key)

@@ -30,8 +30,8 @@ from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from subjectpairs.pipelines.rejections import Rejection
 from subjectpairs.pipelines.shards import (
-    CONFIG_FILE, MANIFEST_FILE, REJECT_SCHEMA, REJECTS_FILE, SHARD_PREFIX, STATS_FILE, ShardFile,
-    excluded_rejection, file_sha256, publish_file, read_exclude, rejects_parquet, shard_tar_writer,
+    CONFIG_FILE, MANIFEST_FILE, REJECT_SCHEMA, REJECTS_FILE, STATS_FILE, ShardFile,
+    excluded_rejection, file_sha256, is_shard_name, publish_file, read_exclude, rejects_parquet, shard_tar_writer,
 )
 
 COUNT_KEYS = ("candidates", "pairs", "rejects")
@@ -187,16 +187,14 @@ def _listed_shards(uri: str, out: str) -> tuple[dict[str, Any], set[str]] | None
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{out} holds a {uri.rsplit('/', 1)[-1]} that is not a compaction's ({exc}); choose an "
                          "empty or new --out") from exc
-    return identity, {name for name in names if isinstance(name, str) and name.startswith(SHARD_PREFIX)
-                      and name.endswith(".tar") and "/" not in name}
+    return identity, {name for name in names if is_shard_name(name)}
 
 
 def _is_compaction_entry(name: str) -> bool:
     """What a compaction writes into its output folder, also as storage's staged copies that a killed run
     leaves (``.NAME.tmp-...``, ``.NAME.partial``)."""
-    staged = name.lstrip(".").split(".tmp-")[0].removesuffix(".partial") if name.startswith(".") else name
-    return name == RECORD_FILE or staged in (MANIFEST_FILE, REJECTS_FILE, *COPIED_FILES) or (
-        staged.startswith(SHARD_PREFIX) and staged.endswith(".tar"))
+    staged = storage.unstaged_name(name)
+    return name == RECORD_FILE or staged in (MANIFEST_FILE, REJECTS_FILE, *COPIED_FILES) or is_shard_name(staged)
 
 
 def _claim_output(out: str, manifest: dict[str, Any]) -> set[str]:

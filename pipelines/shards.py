@@ -78,6 +78,11 @@ class ChunkPlan:
         return f"chunk-{self.index:06d}"
 
 
+def is_shard_name(name: object) -> bool:
+    """A shard file's name, directly in its folder (no path): what a command may delete as a shard."""
+    return isinstance(name, str) and name.startswith(SHARD_PREFIX) and name.endswith(".tar") and "/" not in name
+
+
 def shard_name(chunk: int, part: int) -> str:
     return f"{SHARD_PREFIX}{chunk:06d}.tar" if part == 0 else f"{SHARD_PREFIX}{chunk:06d}-{part}.tar"
 

@@ -140,6 +140,13 @@ def make_folder(uri: str | Path) -> None:
         raise InputError(f"{uri}: cannot create the output folder ({exc.strerror or exc})") from exc
 
 
+def unstaged_name(name: str) -> str:
+    """The file a staged copy stands for: ``.NAME.tmp-TOKEN`` (:class:`StagedOutputs`) and ``.NAME.partial``
+    (a file being copied into place) are ``NAME``, which a killed run may leave behind; other names as
+    they are."""
+    return name.lstrip(".").split(".tmp-")[0].removesuffix(".partial") if name.startswith(".") else name
+
+
 class StagedOutputs:
     """Collect an output folder's files and publish them only when the whole run succeeded.
 

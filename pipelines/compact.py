@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import fsspec
 
 from subjectpairs import storage
 from subjectpairs.errors import InputError
@@ -217,16 +216,8 @@ def _claim_output(out: str, manifest: dict[str, Any]) -> set[str]:
     record = {"build": identity, "shards": sorted(replaceable | {entry["name"] for entry in manifest["shards"]})}
     storage.publish_bytes(storage.join(out, RECORD_FILE), json.dumps(record).encode())
     if storage.exists(storage.join(out, MANIFEST_FILE)):
-        _remove(storage.join(out, MANIFEST_FILE))
+        storage.remove(storage.join(out, MANIFEST_FILE))
     return replaceable
-
-
-def _remove(uri: str) -> None:
-    if storage.is_remote(uri):
-        fs, path = fsspec.core.url_to_fs(uri)
-        fs.rm(path)
-    else:
-        storage.local_path(uri).unlink(missing_ok=True)
 
 
 def compact_shards(source: str, exclude: str, out: str) -> CompactReport:
@@ -295,14 +286,14 @@ def _compact_locked(source: str, exclude: str, out: str, excluded: frozenset[str
         shards=entries,
     )
     for name in sorted(replaceable - {entry["name"] for entry in entries}):  # an earlier run's, now stale
-        _remove(storage.join(out, name))
+        storage.remove(storage.join(out, name))
     with storage.StagedOutputs(out) as staged:
         for name in COPIED_FILES:
             if storage.exists(storage.join(source, name)):
                 staged.put(name, storage.read_bytes(storage.join(source, name)))
         staged.put(REJECTS_FILE, reject_bytes)
         staged.put(MANIFEST_FILE, (json.dumps(compacted, indent=2) + "\n").encode())
-    _remove(storage.join(out, RECORD_FILE))  # the manifest now says what out holds
+    storage.remove(storage.join(out, RECORD_FILE))  # the manifest now says what out holds
     return CompactReport(
         out_dir=out, manifest=compacted, removed=sorted(removed),
         not_found=sorted(excluded - where.keys() - rejected),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,6 +124,18 @@ def read_parquet(uri: str | Path, what: str, columns: list[str] | None = None) -
         raise InputError(f"{uri}: cannot read the {what} ({type(exc).__name__}: {exc})") from exc
 
 
+def remove(uri: str | Path) -> None:
+    """Delete a file or a folder tree at a path or URI, if it is there."""
+    if is_remote(str(uri)):
+        fs, path = fsspec.core.url_to_fs(str(uri))
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    elif local_path(uri).is_dir():
+        shutil.rmtree(local_path(uri))
+    else:
+        local_path(uri).unlink(missing_ok=True)
+
+
 def make_folder(uri: str | Path) -> None:
     """Create a local output folder and its parents (object stores have no folders).
 
@@ -227,8 +240,6 @@ def publish_folder(local_folder: str | Path, uri: str | Path) -> None:
         fs, path = fsspec.core.url_to_fs(str(uri))
         fs.put(str(local_folder).rstrip("/") + "/", path, recursive=True)
         return
-    import shutil
-
     shutil.copytree(local_folder, local_path(uri), dirs_exist_ok=True)
 
 

@@ -405,7 +405,7 @@ def prepare_run(config: TrainConfig) -> int:
         if storage.exists(storage.join(config.out, CONFIG_FILE)) and not config.resume:
             raise RunInUse(f"{config.out} holds another run's files; pass --resume to continue it or choose "
                            "another --out")
-        _remove(storage.join(config.out, RAY_SNAPSHOT_FILE))
+        storage.remove(storage.join(config.out, RAY_SNAPSHOT_FILE))
         storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, "train"))
         return 0
     if not config.resume:
@@ -428,19 +428,10 @@ def prepare_run(config: TrainConfig) -> int:
         log.warning("%s is not a whole checkpoint (%s): removed; the run resumes from %s", uri, why,
                     Path(latest).name)
     for uri in [*scan.broken, *scan.whole[:-config.keep_checkpoints], storage.join(config.out, RAY_SNAPSHOT_FILE)]:
-        _remove(uri)
+        storage.remove(uri)
     state = json.loads(storage.read_bytes(storage.join(latest, STATE_FILE)))
     storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, "train"))
     return int(state["step"])
-
-
-def _remove(uri: str) -> None:
-    """Deletes a file or folder tree, if it is there."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 def check_data(config: TrainConfig) -> None:
@@ -558,7 +549,7 @@ def _train_locked(config: TrainConfig, progress: bool) -> TrainReport:
             # A start that failed before its first checkpoint leaves the folder as it found it, so the
             # corrected command is not refused for the files it wrote.
             for name in set(output_entries(config.out)) - found:
-                _remove(storage.join(config.out, name))
+                storage.remove(storage.join(config.out, name))
         raise
 
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from subjectpairs.training.model import BlipDiffusion
+from subjectpairs.training.blip_diffusion import BlipDiffusion
 
 
 def measure(model: BlipDiffusion, batch: int, latents: bool, steps: int, warmup: int) -> float:

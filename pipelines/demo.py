@@ -184,9 +184,11 @@ def contact_sheet(shard_uris: list[str], path: Path, limit: int = 12, height: in
 def train_demo(out: Path, shards: list[str], seed: int, steps: int, show_progress: bool):
     """A few steps of the tiny model on the demo shards (Ray Train, one CPU worker), its export, and one
     generated image conditioned on the first pair's subject."""
+    import torch
+
     from subjectpairs.training.config import TrainConfig
     from subjectpairs.training.export import export_run
-    from subjectpairs.training.model import BlipDiffusion
+    from subjectpairs.training.pipeline_blip_diffusion import BlipDiffusionPipeline
     from subjectpairs.training.trainer import run_training
 
     run = out / "run"
@@ -201,8 +203,9 @@ def train_demo(out: Path, shards: list[str], seed: int, steps: int, show_progres
     xmin, xmax, ymin, ymax = meta["box"]
     subject = subject.crop((round(xmin * subject.width), round(ymin * subject.height),
                             round(xmax * subject.width), round(ymax * subject.height)))
-    image = BlipDiffusion.from_pretrained(out / "model").generate(
-        subject, meta["category"], f"a {meta['category'].lower()} on the beach", steps=10, seed=seed)
+    pipeline = BlipDiffusionPipeline.from_pretrained(out / "model")
+    (image,) = pipeline("on the beach", subject, meta["category"].lower(), num_inference_steps=10,
+                        generator=torch.Generator().manual_seed(seed))
     generated = out / "generated.png"
     image.save(generated)
     return report, generated

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from subjectpairs.errors import InputError
-from subjectpairs.training.model import NUM_QUERY_TOKENS, BlipDiffusion, training_prompt
+from subjectpairs.training.blip_diffusion import BlipDiffusion
+from subjectpairs.training.loss import training_prompt
+from subjectpairs.training.qformer import NUM_QUERY_TOKENS
 from subjectpairs.training.tiny_tokenizers import COMMON_WORDS, write_bert_wordpiece
 
 
@@ -76,7 +78,7 @@ def test_exported_text_encoder_loads_into_diffusers_and_computes_the_same(tiny_m
     ctx = torch.randn(1, NUM_QUERY_TOKENS, tiny_model.text_encoder.config.hidden_size)
     at = int((ids[0] == tokenizer.eos_token_id).int().argmax())
     with torch.no_grad():
-        ours = tiny_model.text_encoder(tiny_model.text_encoder.token_embeddings(ids, ctx, tokenizer.eos_token_id))
+        ours = tiny_model.text_encoder(tiny_model.text_encoder.token_embeddings(ids, ctx, [at]))
         # diffusers' forward hands its causal mask to CLIPEncoder as ``causal_attention_mask``, which
         # transformers 5 ignores; its own modules are run here with that mask as the attention mask
         released_model = theirs.eval().text_model

@@ -15,7 +15,7 @@ from subjectpairs.errors import InputError
 from subjectpairs.training.config import TrainConfig
 from subjectpairs.training.export import export_run
 from subjectpairs.training.latents import VaeSource, check_latents, write_latents
-from subjectpairs.training.model import BlipDiffusion
+from subjectpairs.training.blip_diffusion import BlipDiffusion
 from subjectpairs.training import trainer
 from subjectpairs.training.trainer import (
     RunInUse, latest_checkpoint, load_run_model, mark_complete, prepare_run, run_training,
@@ -253,7 +253,7 @@ def test_generate_command_writes_an_image(two_worker_run, tmp_path):
     subject = tmp_path / "subject.jpg"
     Image.new("RGB", (48, 40), (180, 40, 40)).save(subject)
     result = CliRunner().invoke(app, ["generate", "--model", str(export), "--subject-image", str(subject),
-                                      "--category", "dog", "--prompt", "a dog on the beach", "--steps", "2",
+                                      "--category", "dog", "--prompt", "on the beach", "--steps", "2",
                                       "--out", str(tmp_path / "dog.png")])
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "dog.png").size == (64, 64)

@@ -6,6 +6,7 @@ when missing (torch 2.13.0 CPU, diffusers 0.39.0, transformers 4.53.3) and then 
 
     python tools/diffusers_reference.py                      # rebuild tests/data/diffusers-tiny-blipdiffusion/
     python tools/diffusers_reference.py --check-export DIR   # load an export with diffusers' classes
+    python tools/diffusers_reference.py --check-export DIR --generate-to IMAGE.npy   # and generate with it
     python tools/diffusers_reference.py --venv-only          # create the environment and stop
 
 The rebuild makes a tiny random BLIP-Diffusion with diffusers' classes (sizes of the project's tiny preset,
@@ -45,7 +46,7 @@ PARITY_PINS = ("diffusers==0.39.0", "transformers==4.53.3", "accelerate", "safet
 SEED = 0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# The released scheduler config (training/model.py SD_SCHEDULER), which that module cannot be imported here to read.
+# The released scheduler config (training/presets.py SD_SCHEDULER), which that module cannot be imported here to read.
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                 "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
                 "clip_sample": False}
@@ -237,6 +238,17 @@ def load_pipeline(folder: Path):
     return pipeline, problems
 
 
+def generate_reference(pipeline):
+    """diffusers' image (H, W, 3 floats in [0, 1]) for the reference subject, category, prompt and seed."""
+    import torch
+
+    with torch.no_grad():
+        return pipeline(REFERENCE_PROMPT, reference_image(), REFERENCE_CATEGORY, REFERENCE_CATEGORY,
+                        guidance_scale=GUIDANCE, height=IMAGE_SIDE, width=IMAGE_SIDE,
+                        num_inference_steps=GENERATION_STEPS, generator=torch.Generator().manual_seed(SEED),
+                        output_type="np").images[0]
+
+
 def record_reference(folder: Path) -> None:
     import numpy as np
     import torch
@@ -255,10 +267,7 @@ def record_reference(folder: Path) -> None:
         prompt_ids = pipeline.tokenizer([prompt], padding="max_length", truncation=True, max_length=max_length,
                                         return_tensors="pt").input_ids
         text_states = pipeline.encode_prompt(subject_embeddings, [prompt], device="cpu")
-        generated = pipeline(REFERENCE_PROMPT, image, REFERENCE_CATEGORY, REFERENCE_CATEGORY,
-                             guidance_scale=GUIDANCE, height=IMAGE_SIDE, width=IMAGE_SIDE,
-                             num_inference_steps=GENERATION_STEPS, generator=torch.Generator().manual_seed(SEED),
-                             output_type="np").images[0]
+    generated = generate_reference(pipeline)
     import diffusers
     import transformers
 
@@ -281,6 +290,9 @@ def main(argv: list[str]) -> int:
     mode.add_argument("--check-export", type=Path, metavar="FOLDER",
                       help="load FOLDER with diffusers' classes; exit 1 on missing or unexpected keys")
     mode.add_argument("--venv-only", action="store_true", help="create .parity-venv and stop")
+    parser.add_argument("--generate-to", type=Path, metavar="FILE.npy",
+                        help="with --check-export: diffusers' image of the reference subject, prompt and seed "
+                             "from FOLDER, saved as uint8 (H, W, 3)")
     parser.add_argument("--out", type=Path, default=REFERENCE_FOLDER, help="where the reference folder goes")
     args = parser.parse_args(argv)
     if not _in_parity_venv():
@@ -290,12 +302,21 @@ def main(argv: list[str]) -> int:
         return subprocess.run([str(python), str(Path(__file__).resolve()), *argv]).returncode
     if args.venv_only:
         return 0
+    if args.generate_to is not None and args.check_export is None:
+        parser.error("--generate-to needs --check-export")
     if args.check_export is not None:
-        _, problems = load_pipeline(args.check_export.resolve())
+        pipeline, problems = load_pipeline(args.check_export.resolve())
         for problem in problems:
             print(problem)
         print(f"{args.check_export}: {'FAILS' if problems else 'loads'} with diffusers' BLIP-Diffusion classes")
-        return 1 if problems else 0
+        if problems:
+            return 1
+        if args.generate_to is not None:
+            import numpy as np
+
+            np.save(args.generate_to, (generate_reference(pipeline) * 255).round().astype(np.uint8))
+            print(f"generated with diffusers' pipeline -> {args.generate_to}")
+        return 0
     build_folder(args.out.resolve())
     record_reference(args.out.resolve())
     print(f"wrote {args.out}")

@@ -43,7 +43,8 @@ class VaeSource:
     seed: int
 
     def load(self):
-        from .model import BlipDiffusion, load_component
+        from .blip_diffusion import BlipDiffusion
+        from .model_folders import load_component
 
         if self.init:
             from diffusers import AutoencoderKL

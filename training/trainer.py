@@ -143,7 +143,7 @@ def _is_folder_uri(source: str) -> bool:
 
 
 def load_run_model(config: TrainConfig, scratch: str):
-    from .model import BlipDiffusion
+    from .blip_diffusion import BlipDiffusion
 
     def local(source: str) -> str:
         return _local_folder(source, scratch) if _is_folder_uri(source) else source
@@ -482,7 +482,7 @@ def check_model_sources(config: TrainConfig) -> None:
             raise InputError(f"--{field.replace('_', '-')} {source}: no such folder (and not a hub id)")
     qformer = config.init or config.qformer
     if qformer is not None and not storage.is_remote(qformer) and Path(qformer).is_dir():
-        from .model import load_qformer_tokenizer
+        from .model_folders import load_qformer_tokenizer
 
         load_qformer_tokenizer(qformer, config.qformer_tokenizer)  # a degenerate one fails here, not in every worker
 
@@ -491,7 +491,7 @@ def _save_base(config: TrainConfig) -> None:
     """A run from random weights saves them once, so export, resumption and every rank share them."""
     if config.init or _starts_from_parts(config) or storage.exists(storage.join(config.out, BASE_DIR, "model_index.json")):
         return
-    from .model import BlipDiffusion
+    from .blip_diffusion import BlipDiffusion
 
     model = BlipDiffusion.from_config(config.model, seed=config.seed)
     with tempfile.TemporaryDirectory() as scratch:

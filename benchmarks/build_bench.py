@@ -65,7 +65,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from subjectpairs.curation.candidates import run_filter
-    from subjectpairs.pipelines.demo import write_demo_data
+    from subjectpairs.demo import write_demo_data
 
     with tempfile.TemporaryDirectory() as folder:
         filter_config, images, pool = write_demo_data(Path(folder), scenes=args.scenes, seed=0)

@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from subjectpairs.corpus.reader import resolve_shards
+from subjectpairs.corpus.writer import ChunkWriter
 from subjectpairs.pipelines.images import encode_jpeg, encode_png
 from subjectpairs.pipelines.sample_photos import SUBJECT_PHOTOS, photo
-from subjectpairs.pipelines.shards import ChunkWriter
-from subjectpairs.training.data import BatchReader, StreamPosition, resolve_shards
+from subjectpairs.training.data import BatchReader, StreamPosition
 
 SHORT_SIDE = 512
 SHARDS, SAMPLES_PER_SHARD = 4, 160  # enough for about 10 s per configuration on one core

@@ -92,7 +92,7 @@ def sample_photo_requests() -> list[PairRequest]:
 def demo_requests(folder: Path, scenes: int, seed: int) -> tuple[list[PairRequest], str]:
     """The demo's candidates (after its filter) as requests, and its background pool."""
     from subjectpairs.curation.candidates import run_filter
-    from subjectpairs.pipelines.demo import write_demo_data
+    from subjectpairs.demo import write_demo_data
     from subjectpairs.pipelines.shards import load_candidates
 
     filter_config, images, pool = write_demo_data(folder, scenes, seed)

@@ -41,15 +41,17 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from subjectpairs import storage
-from subjectpairs.configfile import config_yaml
+from subjectpairs.configfile import CONFIG_FILE, config_yaml
 from subjectpairs.curation.config import HUMAN_CLASSES
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, refuse_overlap
 from subjectpairs.seeds import stable_seed
 
+# The files a folder of backgrounds is read for (a pool folder, a --backgrounds folder).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
 POOL_FILE = "backgrounds.parquet"
 FUNNEL_FILE = "funnel.json"
-CONFIG_FILE = "config.yaml"
 SCENE_CLASSES = (
     "Building", "Skyscraper", "House", "Tower", "Office building", "Castle", "Lighthouse", "Swimming pool",
     "Fountain", "Tree house", "Porch", "Stairs", "Fireplace", "Countertop", "Bookcase", "Cabinetry", "Window",
@@ -216,8 +218,6 @@ def _inspect(uri: str) -> dict:
 
 
 def select_folder(config: BackgroundConfig) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
-    from subjectpairs.pipelines.composite import IMAGE_SUFFIXES
-
     uris = storage.list_files(config.folder, IMAGE_SUFFIXES)
     if not uris:
         raise InputError(f"{config.folder}: no images ({', '.join(IMAGE_SUFFIXES)})")

@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from subjectpairs import __version__
-from subjectpairs.configfile import config_yaml
+from subjectpairs.configfile import CONFIG_FILE, config_yaml
 from subjectpairs.curation.classes import read_class_list
 from subjectpairs.curation.config import FilterConfig
 from subjectpairs.curation.filter import FunnelStep, apply_rules, candidate_table
@@ -27,7 +27,6 @@ from subjectpairs.storage import StagedOutputs, exists, is_remote, join, local_p
 
 CANDIDATES_FILE = "candidates.parquet"
 FUNNEL_FILE = "funnel.json"
-CONFIG_FILE = "config.yaml"
 BAD_ROWS_FILE = "bad_rows.csv"
 
 CANDIDATE_SCHEMA = pa.schema([

@@ -192,7 +192,7 @@ def _extract(sample: dict, media: Path, shard: str) -> tuple[dict, dict[str, Pat
 
 def build_review(config: ReviewConfig, overwrite: bool = False, progress: bool = True) -> ReviewReport:
     """Create or sync the review dataset ``config.name`` from the shards of ``config.shards``."""
-    from subjectpairs.training.data import iter_shard, resolve_shards
+    from subjectpairs.corpus.reader import iter_shard, resolve_shards
 
     fo = fiftyone()
     try:
@@ -297,15 +297,15 @@ def image_embeddings(paths: list[str], model_source: str, batch_size: int = 32):
     import torch
     from PIL import Image
     from transformers import CLIPVisionModelWithProjection
-
-    from subjectpairs.training.data import CLIP_MEAN, CLIP_STD
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     model = CLIPVisionModelWithProjection.from_pretrained(model_source).eval()
     size = model.config.image_size
+    mean, std = np.asarray(OPENAI_CLIP_MEAN, np.float32), np.asarray(OPENAI_CLIP_STD, np.float32)
     out = []
     for start in range(0, len(paths), batch_size):
         pixels = [((np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255
-                    - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1) for p in paths[start:start + batch_size]]
+                    - mean) / std).transpose(2, 0, 1) for p in paths[start:start + batch_size]]
         with torch.no_grad():
             embeds = model(pixel_values=torch.from_numpy(np.stack(pixels))).image_embeds
         out.append(torch.nn.functional.normalize(embeds, dim=-1).numpy())

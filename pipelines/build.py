@@ -24,7 +24,18 @@ import pandas as pd
 import yaml
 
 from subjectpairs import __version__, storage
-from subjectpairs.configfile import config_yaml
+from subjectpairs.configfile import CONFIG_FILE, config_yaml
+from subjectpairs.corpus.layout import (
+    MANIFEST_FILE,
+    REJECTS_FILE,
+    SHARD_PREFIX,
+    STATS_FILE,
+    is_shard_name,
+    read_exclude,
+)
+from subjectpairs.corpus.writer import ChunkWriter, ShardFile, file_sha256
+from subjectpairs.curation.candidates import CANDIDATES_FILE, run_filter
+from subjectpairs.curation.config import FilterConfig
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, contains, output_entries, refuse_overlap
 from subjectpairs.pipelines.captions import Blip2Captioner, Captions, template_caption
@@ -35,8 +46,11 @@ from subjectpairs.pipelines.progress import BuildCounter, BuildProgress
 from subjectpairs.pipelines.rejections import PairRejected, Rejection, count_by_stage, isolate_failures
 from subjectpairs.pipelines.segmenters import SegmenterChoice, load_clipseg, resolve_segmenter
 from subjectpairs.pipelines.shards import (
-    CONFIG_FILE, MANIFEST_FILE, REJECTS_FILE, SHARD_PREFIX, STATS_FILE, Candidate, ChunkPlan, ChunkWriter,
-    ShardFile, excluded_rejection, file_sha256, is_shard_name, load_candidates, plan_chunks, read_exclude,
+    Candidate,
+    ChunkPlan,
+    excluded_rejection,
+    load_candidates,
+    plan_chunks,
     rejects_parquet,
 )
 
@@ -468,9 +482,6 @@ def exclude_candidates(config: BuildConfig, plans: list[ChunkPlan]) -> tuple[lis
 
 def run_candidate_filter(config: BuildConfig) -> str:
     """The filter as the build's first stage; returns its candidates.parquet."""
-    from subjectpairs.curation.candidates import CANDIDATES_FILE, run_filter
-    from subjectpairs.curation.config import FilterConfig
-
     report = run_filter(FilterConfig.model_validate({**(config.filter or {}), "out": config.filter_out()}))
     return storage.join(report.out_dir, CANDIDATES_FILE)
 
@@ -488,8 +499,6 @@ def _start_ray(address: str | None) -> bool:
 
 def refuse_overwriting_inputs(config: BuildConfig) -> None:
     """Stop a build whose --out is, lies inside or holds one of its inputs, before anything is written."""
-    from subjectpairs.curation.config import FilterConfig
-
     # candidates the build's own filter stage wrote earlier: a build with --candidates neither rewrites nor
     # deletes that folder
     own_candidates = config.candidates is not None and contains(config.filter_out(), config.candidates)

@@ -9,7 +9,6 @@ every pair's json says which.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from typing import Any, Literal, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 
 from subjectpairs import storage
 from subjectpairs.errors import InputError
+from subjectpairs.seeds import keyed_digest
 
 TEMPLATE = "a photo of a {label}"
 WORD = r"[a-z0-9']+"  # a lowercase word token of a label or a caption
@@ -178,7 +178,7 @@ class Blip2Captioner:
 
         inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        digest = hashlib.sha256(f"{self.seed}\0{'|'.join(keys)}".encode()).digest()
+        digest = keyed_digest(self.seed, "|".join(keys))
         torch.manual_seed(int.from_bytes(digest[:8], "little"))
         with torch.inference_mode():
             # min_new_tokens, not min_length: the prompt holds the image's query tokens, which min_length

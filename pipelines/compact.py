@@ -13,25 +13,23 @@ folder's earlier manifest is removed first, so a compaction that fails part way 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tarfile
 import tempfile
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
 from subjectpairs import storage
+from subjectpairs.configfile import CONFIG_FILE
+from subjectpairs.corpus.layout import MANIFEST_FILE, REJECTS_FILE, STATS_FILE, is_shard_name, read_exclude
+from subjectpairs.corpus.reader import iter_shard
+from subjectpairs.corpus.writer import ShardFile, file_sha256, publish_file, shard_tar_writer
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from subjectpairs.pipelines.rejections import Rejection
-from subjectpairs.pipelines.shards import (
-    CONFIG_FILE, MANIFEST_FILE, REJECT_SCHEMA, REJECTS_FILE, STATS_FILE, ShardFile,
-    excluded_rejection, file_sha256, is_shard_name, publish_file, read_exclude, rejects_parquet, shard_tar_writer,
-)
+from subjectpairs.pipelines.shards import REJECT_SCHEMA, excluded_rejection, rejects_parquet
 
 COUNT_KEYS = ("candidates", "pairs", "rejects")
 COPIED_FILES = (STATS_FILE, CONFIG_FILE)  # copied byte for byte when the source has them
@@ -49,43 +47,6 @@ class CompactReport:
     dropped_shards: list[str] = field(default_factory=list)  # shards left empty, not written
 
 
-class _HashingReader:
-    """A read-only stream that hashes what passes through it and keeps its last bytes (more than tarfile
-    reads ahead), so the end of a tar can be checked after tarfile is done with it."""
-
-    TAIL = 1 << 20
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self.digest = hashlib.sha256()
-        self.bytes = 0
-        self._tail: deque[bytes] = deque()
-        self._tail_bytes = 0
-
-    def read(self, size: int | None = -1) -> bytes:
-        data = self._stream.read() if size is None or size < 0 else self._stream.read(size)
-        self.digest.update(data)
-        self.bytes += len(data)
-        self._tail.append(data)
-        self._tail_bytes += len(data)
-        while self._tail_bytes - len(self._tail[0]) >= self.TAIL:
-            self._tail_bytes -= len(self._tail.popleft())
-        return data
-
-    def expect_zeros_from(self, offset: int) -> None:
-        """Read to the end; every byte from ``offset`` on must be zero (a tar's end blocks and padding).
-
-        tarfile takes a damaged header for the end of the archive and stops without a word; what it left
-        unread then holds data, and this says so."""
-        start = self.bytes - self._tail_bytes
-        if offset < start:
-            raise ValueError(f"cannot check the end of the tar from byte {offset}")
-        held = b"".join(self._tail)[offset - start:]
-        if held.strip(b"\0"):
-            raise ValueError(f"data after the end of the archive at byte {offset} (a damaged member header?)")
-        while block := self.read(1 << 20):
-            if block.strip(b"\0"):
-                raise ValueError(f"data after the end of the archive at byte {offset} (a damaged member header?)")
 
 
 def _read_manifest(source: str) -> dict[str, Any]:
@@ -118,32 +79,6 @@ def _read_rejects(source: str) -> list[Rejection]:
             for row in table[REJECT_SCHEMA.names].itertuples(index=False)]
 
 
-def _tar_samples(reader: _HashingReader) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The samples of a WebDataset tar, in order: runs of members named ``<key>.<suffix>``."""
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    seen: set[str] = set()
-    with tarfile.open(fileobj=reader, mode="r|") as tar:
-        for member in tar:
-            name_key, dot, suffix = member.name.partition(".")
-            if not member.isfile() or not dot or not suffix or suffix.startswith("_"):
-                raise ValueError(f"member {member.name!r} is not a sample's file (<key>.<suffix>)")
-            if name_key != key:
-                if key is not None:
-                    yield key, members
-                if name_key in seen:
-                    raise ValueError(f"the members of sample {name_key} are not together")
-                seen.add(name_key)
-                key, members = name_key, {}
-            if suffix in members:
-                raise ValueError(f"member {member.name!r} appears twice")
-            extracted = tar.extractfile(member)
-            assert extracted is not None
-            members[suffix] = extracted.read()
-        end = tar.offset  # where tarfile found the end of the archive
-    if key is not None:
-        yield key, members
-    reader.expect_zeros_from(end)
 
 
 def _shard_samples(uri: str, entry: dict[str, Any], manifest_uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -151,20 +86,15 @@ def _shard_samples(uri: str, entry: dict[str, Any], manifest_uri: str) -> Iterat
     or does not match its manifest entry (checked once it has been read to the end)."""
     count = 0
     try:
-        with storage.open_input_stream(uri) as stream:
-            reader = _HashingReader(stream)
-            for sample in _tar_samples(reader):
-                count += 1
-                yield sample
+        for sample in iter_shard(uri, sha256=entry.get("sha256")):
+            count += 1
+            key = sample.pop("__key__")
+            yield key, sample
     except Exception as exc:  # tarfile, pyarrow and fsspec raise many types for a broken or missing file
         raise InputError(
             f"{uri}: cannot read this shard of {manifest_uri} ({type(exc).__name__}: {exc}); "
             "restore or rebuild it, then compact again"
         ) from exc
-    expected = entry.get("sha256")
-    if expected is not None and reader.digest.hexdigest() != expected:
-        raise InputError(f"{uri}: its SHA-256 differs from {manifest_uri}: the shard is damaged or changed "
-                         "since the build")
     if entry.get("samples") is not None and count != entry["samples"]:
         raise InputError(f"{uri}: holds {count} samples, {manifest_uri} says {entry['samples']}")
 

@@ -14,19 +14,16 @@ import cv2
 import numpy as np
 
 from subjectpairs import storage
+from subjectpairs.curation.backgrounds import IMAGE_SUFFIXES, is_pool, read_pool
 from subjectpairs.errors import InputError
 from subjectpairs.pipelines.images import decode_image
 from subjectpairs.pipelines.rejections import PairRejected
+from subjectpairs.seeds import sample_rng
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 LIST_SUFFIXES = (".txt", ".lst")
 PROCEDURAL = "procedural"
 
 
-def sample_rng(seed: int, key: str, purpose: str) -> tuple[int, np.random.Generator]:
-    """A 64-bit draw and a generator, both fixed by (seed, key, purpose)."""
-    digest = hashlib.sha256(f"{seed}\0{key}\0{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little"), np.random.default_rng(int.from_bytes(digest[8:24], "little"))
 
 
 def _expand(entry: str) -> list[str]:
@@ -66,8 +63,6 @@ class BackgroundPool:
     def from_entries(cls, entries: list[str]) -> "BackgroundPool":
         """Entries are pool folders (``backgrounds.parquet`` of ``subjectpairs backgrounds``), images,
         folders of images (searched recursively) or text files of paths/URIs."""
-        from subjectpairs.curation.backgrounds import is_pool, read_pool
-
         uris: set[str] = set()
         pool_ids = []
         for entry in entries:

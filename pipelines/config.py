@@ -9,6 +9,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from subjectpairs.curation.config import FILTER_PATH_KEYS, FilterConfig
+
 DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
 DEFAULT_CAPTION_RANKER = "openai/clip-vit-large-patch14"  # the authors' CLIP ViT-L/14
 
@@ -216,8 +218,6 @@ class BuildConfig(_Settings):
         if (self.candidates is None) == (self.filter is None):
             raise ValueError("give either candidates (a candidates.parquet) or filter (the filter's settings)")
         if self.filter is not None:
-            from subjectpairs.curation.config import FilterConfig
-
             FilterConfig.model_validate({"out": self.filter_out(), **self.filter})  # fail at start-up
         return self
 
@@ -230,7 +230,6 @@ class BuildConfig(_Settings):
         """Local paths made absolute, so ``config.yaml``, the pairs' ``source`` and ``background`` and Ray
         workers (which may run in another working directory) all name the same files from anywhere. URIs
         stay as they are, and so do model sources that are not local folders (hub ids)."""
-        from subjectpairs.curation.config import FILTER_PATH_KEYS
         from subjectpairs.storage import absolute
 
         def path(value: str | None) -> str | None:

@@ -8,34 +8,22 @@ pairs always give the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import numbers
-import os
-import tarfile
-import tempfile
 from dataclasses import dataclass
 
-import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from subjectpairs import storage
+from subjectpairs.corpus.layout import sample_key
 from subjectpairs.errors import InputError
-from subjectpairs.identifiers import check_image_id, check_label_mid, check_sample_key
+from subjectpairs.identifiers import check_image_id, check_label_mid
 from subjectpairs.pipelines.boxes import Box
 from subjectpairs.pipelines.rejections import Rejection
 
-SHARD_PREFIX = "pairs-"
-TAR_MTIME = 0  # 1970-01-01: members carry no build time
-# The files a build writes beside its shards (docs/FORMAT.md)
-MANIFEST_FILE = "manifest.json"
-REJECTS_FILE = "rejects.parquet"
-STATS_FILE = "stats.json"
-CONFIG_FILE = "config.yaml"
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
                            ("detail", pa.string())])
 # The candidates table's required columns
@@ -44,16 +32,6 @@ BOX_COLUMNS = ("xmin", "xmax", "ymin", "ymax")
 # A pair a reviewer rejected (listed in an exclude file): not built, or removed by `shards compact`
 REVIEW_STAGE = "review"
 EXCLUDED_REASON = "excluded"
-
-
-def sample_key(image_id: str, label_mid: str) -> str:
-    """``<ImageID>_<MID without "/m/">``: no dots (webdataset splits names at the first dot), no slashes.
-
-    A key names tar members and files, so it is made only if it follows the sample-key grammar
-    (:mod:`subjectpairs.identifiers`; ValueError otherwise): an ImageID or MID with a dot or ``..`` never
-    becomes one."""
-    key = f"{image_id}_{label_mid.removeprefix('/m/').replace('/', '-')}"
-    return check_sample_key(key, f"ImageID {image_id!r} with label MID {label_mid!r}")
 
 
 @dataclass(frozen=True)
@@ -76,34 +54,6 @@ class ChunkPlan:
     @property
     def name(self) -> str:
         return f"chunk-{self.index:06d}"
-
-
-def is_shard_name(name: object) -> bool:
-    """A shard file's name, directly in its folder (no path): what a command may delete as a shard."""
-    return isinstance(name, str) and name.startswith(SHARD_PREFIX) and name.endswith(".tar") and "/" not in name
-
-
-def shard_name(chunk: int, part: int) -> str:
-    return f"{SHARD_PREFIX}{chunk:06d}.tar" if part == 0 else f"{SHARD_PREFIX}{chunk:06d}-{part}.tar"
-
-
-def shard_tar_writer(path: str) -> wds.TarWriter:
-    """A tar writer with the shards' fixed member headers: mtime 0, owner and group 0 with empty names,
-    mode 0444, USTAR; each sample's members are written sorted by name."""
-    return wds.TarWriter(
-        path, user="", group="", mode=0o444, encoder=False, mtime=TAR_MTIME, format=tarfile.USTAR_FORMAT
-    )
-
-
-def read_exclude(uri: str | None) -> frozenset[str]:
-    """Sample keys to leave out, one per line; blank lines and ``#`` comments are ignored."""
-    if uri is None:
-        return frozenset()
-    try:
-        lines = storage.read_bytes(uri).decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{uri}: not a text file of sample keys ({exc})") from exc
-    return frozenset(key for line in lines if (key := line.split("#", 1)[0].strip()))
 
 
 def excluded_rejection(key: str, exclude: str) -> Rejection:
@@ -192,105 +142,3 @@ def plan_chunks(candidates: list[Candidate], samples: int) -> list[ChunkPlan]:
     ]
 
 
-@dataclass
-class ShardFile:
-    name: str
-    samples: int
-    bytes: int
-    sha256: str
-    first_key: str
-    last_key: str
-
-
-class ChunkWriter:
-    """Writes one chunk's samples into local temporary tars, starting a new part at the byte cap, and
-    publishes them under their final names only when the whole chunk is done."""
-
-    # tar overhead per member: a 512-byte header and padding to 512 bytes
-    _MEMBER_OVERHEAD = 1024
-
-    def __init__(self, out_dir: str, chunk: int, max_bytes: int) -> None:
-        self.out_dir = out_dir
-        self.chunk = chunk
-        self.max_bytes = max_bytes
-        self._scratch = tempfile.TemporaryDirectory(prefix="subjectpairs-shard-")
-        self._parts: list[tuple[str, list[str], int]] = []  # local path, keys, bytes estimate
-        self._tar: wds.TarWriter | None = None
-
-    def _open_part(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-        path = os.path.join(self._scratch.name, shard_name(self.chunk, len(self._parts)))
-        self._tar = shard_tar_writer(path)
-        self._parts.append((path, [], 0))
-
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        # keys come from sample_key, already checked; a tar member name is the last place to stop one that
-        # would climb out of a folder or be split at a dot
-        check_sample_key(key, f"chunk {self.chunk}")
-        size = sum(len(data) + self._MEMBER_OVERHEAD for data in members.values())
-        if self._tar is None or (self._parts[-1][1] and self._parts[-1][2] + size > self.max_bytes):
-            self._open_part()
-        assert self._tar is not None
-        self._tar.write({"__key__": key, **members})
-        path, keys, total = self._parts[-1]
-        keys.append(key)
-        self._parts[-1] = (path, keys, total + size)
-
-    def publish(self) -> list[ShardFile]:
-        """Close the tars, hash them and move them to the output (rename locally, one put remotely).
-
-        A chunk with no pairs publishes nothing."""
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-        published = []
-        for path, keys, _ in self._parts:
-            name = os.path.basename(path)
-            digest = file_sha256(path)
-            size = os.path.getsize(path)
-            publish_file(path, storage.join(self.out_dir, name))
-            published.append(ShardFile(name, len(keys), size, digest, keys[0], keys[-1]))
-        return published
-
-    def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-        self._scratch.cleanup()
-
-
-def file_sha256(uri: str) -> str:
-    digest = hashlib.sha256()
-    with storage.open_input_stream(uri) as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def publish_file(local: str, target: str) -> None:
-    """Make ``local`` appear at ``target`` whole or not at all."""
-    if storage.is_remote(target):
-        fs, path = fsspec.core.url_to_fs(target)
-        fs.put_file(local, path)  # an object store shows an object only once its upload completes
-        return
-    final = storage.local_path(target)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.partial")
-    with open(local, "rb") as source, open(staging, "wb") as sink:
-        while block := source.read(1 << 22):
-            sink.write(block)
-        sink.flush()
-        os.fsync(sink.fileno())
-    os.replace(staging, final)
-
-
-def read_shard(uri: str) -> list[dict[str, bytes]]:
-    """All samples of a shard as dicts of member name -> bytes, with ``__key__`` (for tests and tools)."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:
-        for member in tar.getmembers():
-            key, _, suffix = member.name.partition(".")
-            extracted = tar.extractfile(member)
-            assert extracted is not None
-            samples.setdefault(key, {"__key__": key.encode()})[suffix] = extracted.read()
-    return list(samples.values())

@@ -605,7 +605,7 @@ def demo_command(
 ) -> None:
     """Run the pipeline offline: photos in OpenImages format -> filter -> shards (GrabCut, local Ray)
     -> a short Ray Train run of the tiny model -> export -> one generated image."""
-    from subjectpairs.pipelines.demo import run_demo
+    from subjectpairs.demo import run_demo
 
     report = run_demo(out, scenes=scenes, seed=seed, train=train, train_steps=train_steps, review=review)
     console.print(funnel_table(report.filter.funnel))

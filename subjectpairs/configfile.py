@@ -7,6 +7,9 @@ from pydantic import BaseModel
 
 from subjectpairs import __version__
 
+# The config every command writes beside its output.
+CONFIG_FILE = "config.yaml"
+
 
 def config_yaml(config: BaseModel, command: str) -> bytes:
     header = f"# subjectpairs {__version__} {command} configuration; rerun with: subjectpairs {command} --config THIS\n"

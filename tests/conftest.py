@@ -146,7 +146,7 @@ def tiny_clip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """The demo's shards (real photos and generated scenes, GrabCut, local Ray), built once per session."""
-    from subjectpairs.pipelines.demo import run_demo
+    from subjectpairs.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     run_demo(out, scenes=6, show_progress=False, train=False, review=False)

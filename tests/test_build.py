@@ -19,11 +19,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from subjectpairs.corpus.reader import read_shard
 from subjectpairs.curation.candidates import run_filter
 from subjectpairs.pipelines.build import OutputInUse, run_build
 from subjectpairs.pipelines.config import BuildConfig
-from subjectpairs.pipelines.demo import write_demo_data
-from subjectpairs.pipelines.shards import read_shard
+from subjectpairs.demo import write_demo_data
 
 pytestmark = pytest.mark.slow
 KEY = re.compile(r"^[0-9a-f]{16}_[0-9a-z_-]+$")
@@ -78,7 +78,7 @@ def test_every_candidate_is_a_pair_or_a_recorded_rejection(first_build, demo_inp
     out, report = first_build
     manifest = json.loads((out / "manifest.json").read_text())
     rejects = pd.read_parquet(out / "rejects.parquet")
-    keys = [s["__key__"].decode() for name in shard_bytes(out) for s in read_shard(str(out / name))]
+    keys = [s["__key__"] for name in shard_bytes(out) for s in read_shard(str(out / name))]
     assert manifest["candidates"] == demo_inputs["count"] == len(keys) + len(rejects)
     assert len(keys) == len(set(keys)) == manifest["pairs"] and not set(keys) & set(rejects["key"])
     assert keys == sorted(keys) and all(KEY.match(k) for k in keys)
@@ -101,7 +101,7 @@ def test_shards_follow_the_format(first_build):
         for sample in read_shard(str(path)):
             assert set(sample) == {"__key__", "input.jpg", "target.jpg", "alpha.png", "trimap.png", "json"}
             meta = json.loads(sample["json"])
-            assert meta["key"] == sample["__key__"].decode() == f"{meta['image_id']}_{meta['label_mid'][3:]}"
+            assert meta["key"] == sample["__key__"] == f"{meta['image_id']}_{meta['label_mid'][3:]}"
             assert meta["config_hash"] == manifest["config_hash"] and meta["caption_source"] == "template"
             assert meta["captions"] == [f"a photo of a {meta['category'].lower()}"]
             assert meta["segmenter"]["name"] == "grabcut" and "seconds" not in meta
@@ -163,7 +163,7 @@ def test_excluded_candidates_are_not_built_and_become_review_rejects(first_build
     from subjectpairs.pipelines.compact import compact_shards
 
     out, report = first_build
-    keys = [s["__key__"].decode() for name in shard_bytes(out) for s in read_shard(str(out / name))]
+    keys = [s["__key__"] for name in shard_bytes(out) for s in read_shard(str(out / name))]
     excluded = {keys[0], keys[-1]}
     exclude = tmp_path / "REJECTS.txt"
     exclude.write_text("# reviewers' rejects\n" + "\n".join(sorted(excluded)) + "\nffffffffffffffff_0zz\n")
@@ -183,7 +183,7 @@ def test_excluded_candidates_are_not_built_and_become_review_rejects(first_build
     assert manifest["candidates"] == report.manifest["candidates"] == manifest["pairs"] + manifest["rejects"]
     assert manifest["pairs"] == report.manifest["pairs"] - len(excluded)
     shards = {name: read_shard(str(tmp_path / "excluded" / name)) for name in shard_bytes(tmp_path / "excluded")}
-    assert not {s["__key__"].decode() for samples in shards.values() for s in samples} & excluded
+    assert not {s["__key__"] for samples in shards.values() for s in samples} & excluded
     rejects = pd.read_parquet(tmp_path / "excluded" / "rejects.parquet")
     review = rejects[rejects["reason"] == "excluded"]
     assert set(review["key"]) == excluded and set(review["stage"]) == {"review"}
@@ -212,7 +212,7 @@ def test_gated_pairs_are_quality_rejects_and_the_shards_are_those_without_them(f
     from subjectpairs.pipelines.compact import compact_shards
 
     out, report = first_build
-    metas = {s["__key__"].decode(): json.loads(s["json"]) for name in shard_bytes(out)
+    metas = {s["__key__"]: json.loads(s["json"]) for name in shard_bytes(out)
              for s in read_shard(str(out / name))}
     # a bound that only tightens the default one: the pairs below the median become quality rejects
     bound = median(meta["metrics"]["alpha_in_box"] for meta in metas.values())
@@ -299,7 +299,7 @@ def test_candidates_without_a_photo_source_are_a_clear_error(tmp_path):
 
 
 def test_contact_sheet_shows_the_pairs(first_build, tmp_path):
-    from subjectpairs.pipelines.demo import contact_sheet
+    from subjectpairs.demo import contact_sheet
 
     out, report = first_build
     sheet = contact_sheet([str(out / s["name"]) for s in report.manifest["shards"]], tmp_path / "sheet.png", limit=4)
@@ -413,7 +413,7 @@ def test_a_faulty_image_server_ends_in_recorded_reasons_and_a_rerun_after_the_ou
     assert rerun.stats["retried"] == 2 and rerun.stats["chunks_resumed"] == rerun.stats["chunks"] - 1
     assert dict(zip(rerun.rejects.key, rerun.rejects.reason)) == {k: r for k, r in reasons.items() if r != "http_5xx"}
     assert rerun.manifest["pairs"] == 3 and {keys[0], keys[1]} <= {
-        s["__key__"].decode() for name in shard_bytes(tmp_path / "rerun")
+        s["__key__"] for name in shard_bytes(tmp_path / "rerun")
         for s in read_shard(str(tmp_path / "rerun" / name))}
     assert shard_bytes(tmp_path / "rerun") == shard_bytes(tmp_path / "clean")
     for name in ("manifest.json", "rejects.parquet"):

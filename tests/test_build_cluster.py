@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from subjectpairs.corpus.reader import read_shard
 from subjectpairs.curation.candidates import run_filter
 from subjectpairs.pipelines.build import run_build
 from subjectpairs.pipelines.config import BuildConfig
-from subjectpairs.pipelines.demo import write_demo_data
-from subjectpairs.pipelines.shards import read_shard
+from subjectpairs.demo import write_demo_data
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from subjectpairs.corpus.layout import sample_key
+from subjectpairs.corpus.writer import ChunkWriter
 from subjectpairs.errors import InputError
 from subjectpairs.identifiers import is_sample_key
-from subjectpairs.pipelines.shards import ChunkWriter, load_candidates, sample_key
+from subjectpairs.pipelines.shards import load_candidates
 
 GOOD = {"image_id": "000a1249af2bc5f0", "label_mid": "/m/01yrx", "category": "Cat",
         "xmin": 0.1, "xmax": 0.9, "ymin": 0.1, "ymax": 0.9}

@@ -19,10 +19,12 @@ from typer.testing import CliRunner
 
 from pair_shards import write_pair_shards
 from subjectpairs.cli import app
+from subjectpairs.corpus.layout import read_exclude, sample_key
+from subjectpairs.corpus.writer import ChunkWriter
 from subjectpairs.errors import InputError
 from subjectpairs.pipelines.compact import compact_shards
 from subjectpairs.pipelines.rejections import Rejection
-from subjectpairs.pipelines.shards import ChunkWriter, read_exclude, rejects_parquet, sample_key
+from subjectpairs.pipelines.shards import rejects_parquet
 
 runner = CliRunner()
 MEMBERS = ("input.jpg", "target.jpg", "alpha.png", "trimap.png", "json")
@@ -316,9 +318,14 @@ def test_cli_bad_input_is_one_clear_line_and_exit_code_2(corpus, rejected, tmp_p
 
 
 def test_the_trainer_reads_exclude_files_with_the_same_parser():
-    from subjectpairs.training import data
+    """The build, `shards compact` and the trainer all take the exclude list from the corpus core."""
+    import inspect
 
-    assert data.read_exclude is read_exclude
+    from subjectpairs.pipelines import build, compact
+    from subjectpairs.training import trainer
+
+    assert build.read_exclude is compact.read_exclude is read_exclude
+    assert "from subjectpairs.corpus.layout import read_exclude" in inspect.getsource(trainer)
 
 
 def test_members_larger_than_the_read_buffers_pass_through_unchanged(tmp_path):

@@ -14,8 +14,8 @@ import pytest
 import requests
 from conftest import free_port
 from nbclient import NotebookClient
+from subjectpairs.corpus.reader import read_shard
 from subjectpairs.curation.review import SuspectThresholds
-from subjectpairs.pipelines.shards import read_shard
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from subjectpairs.corpus.writer import ShardFile
 from subjectpairs.errors import InputError
 from subjectpairs.guards import LOCK_FILE, OutputLock
 from subjectpairs.pipelines.build import ChunkRecord, prepare_output, run_build
 from subjectpairs.pipelines.config import BuildConfig
-from subjectpairs.pipelines.shards import ShardFile
 
 
 def build_config(out: Path, **settings) -> BuildConfig:

@@ -13,6 +13,7 @@ import webdataset as wds
 from typer.testing import CliRunner
 
 from subjectpairs.cli import app
+from subjectpairs.corpus.reader import read_shard
 from subjectpairs.curation.review import (
     MEMBERS,
     METRICS,
@@ -21,7 +22,6 @@ from subjectpairs.curation.review import (
     fiftyone,
     rejected_keys,
 )
-from subjectpairs.pipelines.shards import read_shard
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -32,8 +32,8 @@ def test_build_reads_photos_from_and_writes_shards_to_s3(tmp_path, s3):
 
     from subjectpairs.pipelines.build import run_build
     from subjectpairs.pipelines.config import BuildConfig
-    from subjectpairs.pipelines.demo import write_demo_data
-    from subjectpairs.pipelines.shards import read_shard
+    from subjectpairs.demo import write_demo_data
+    from subjectpairs.corpus.reader import read_shard
 
     assert not ray.is_initialized()  # the build starts its own Ray, whose workers see the S3 settings
     filter_config, images, pool = write_demo_data(tmp_path, scenes=3, seed=5)

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from subjectpairs.cli import app
 from subjectpairs.errors import InputError
+from subjectpairs.training import trainer
+from subjectpairs.training.blip_diffusion import BlipDiffusion
 from subjectpairs.training.config import TrainConfig
 from subjectpairs.training.export import export_run
 from subjectpairs.training.latents import VaeSource, check_latents, write_latents
-from subjectpairs.training.blip_diffusion import BlipDiffusion
-from subjectpairs.training import trainer
 from subjectpairs.training.trainer import (
     RunInUse, latest_checkpoint, load_run_model, mark_complete, prepare_run, run_training,
 )
@@ -279,8 +279,7 @@ def test_training_on_cached_latents_with_relative_paths(ray_local, shards, tmp_p
 def test_a_target_that_does_not_decode_is_listed_not_lost(tmp_path):
     import webdataset as wds
 
-    from subjectpairs.pipelines.shards import read_shard
-    from subjectpairs.training.data import resolve_shards
+    from subjectpairs.corpus.reader import read_shard, resolve_shards
     from subjectpairs.training.latents import encode_shard
 
     dataset = write_pair_shards(tmp_path / "pairs", counts=[5])
@@ -297,11 +296,30 @@ def test_a_target_that_does_not_decode_is_listed_not_lost(tmp_path):
     assert [item["key"] for item in entry["skipped"]] == [broken_key] and entry["skipped"][0]["reason"]
 
 
+def test_latent_shards_are_byte_reproducible(tmp_path):
+    """Written by the pair shards' writer: no write time, user or group in the tar headers."""
+    import tarfile
+
+    from subjectpairs.corpus.reader import resolve_shards
+    from subjectpairs.training.latents import encode_shard
+
+    dataset = write_pair_shards(tmp_path / "pairs", counts=[3])
+    (shard,) = resolve_shards([str(dataset.folder)])
+    vae = BlipDiffusion.from_config("tiny").vae
+    written = []
+    for out in ("first", "second"):
+        encode_shard(shard, str(tmp_path / out), vae, 64, batch_size=2)
+        written.append(tmp_path / out / Path(shard.uri).name)
+    assert written[0].read_bytes() == written[1].read_bytes()
+    with tarfile.open(written[0]) as tar:
+        headers = [(member.mtime, member.uname, member.gname, member.uid) for member in tar.getmembers()]
+    assert headers == [(0, "", "", 0)] * 3
+
+
 def test_latents_name_an_unreadable_shard_in_one_line_and_list_a_dotted_key(tmp_path):
     import webdataset as wds
 
-    from subjectpairs.pipelines.shards import read_shard
-    from subjectpairs.training.data import resolve_shards
+    from subjectpairs.corpus.reader import read_shard, resolve_shards
     from subjectpairs.training.latents import encode_shard
 
     dataset = write_pair_shards(tmp_path / "pairs", counts=[4, 4])

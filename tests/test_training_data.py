@@ -10,9 +10,17 @@ import torch
 import webdataset as wds
 
 from pair_shards import BOX_COLOUR, FLAT_CATEGORY, SHARD_COUNTS, Dataset, jpeg, write_pair_shards
+from subjectpairs.corpus.layout import LATENT_MEMBER, read_exclude
+from subjectpairs.corpus.reader import ShardInfo, resolve_shards
+from subjectpairs.corpus.writer import write_latent_member
 from subjectpairs.training.data import (
-    CLIP_MEAN, CLIP_STD, LATENT_MEMBER, BatchReader, PairStream, ShardInfo, StreamPosition, plan_streams,
-    read_exclude, resolve_shards, target_pixels, write_latent_member,
+    CLIP_MEAN,
+    CLIP_STD,
+    BatchReader,
+    PairStream,
+    StreamPosition,
+    plan_streams,
+    target_pixels,
 )
 
 INPUT_SIZE, TARGET_SIZE = 32, 64

@@ -31,33 +31,27 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 # default_collate stacks straight into shared memory in a DataLoader worker: no copy on the way out
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from subjectpairs import storage
+from subjectpairs.corpus.layout import (
+    INPUT_MEMBER,
+    LATENT_CHANNELS,
+    LATENT_DOWNSCALE,
+    LATENT_MEMBER,
+    META_MEMBER,
+    TARGET_MEMBER,
+)
+from subjectpairs.corpus.reader import ShardInfo, iter_shard
 from subjectpairs.identifiers import check_sample_key
 from subjectpairs.seeds import stable_seed
-# the exclude-file parser the build and `shards compact` share; re-exported for the trainer
-from subjectpairs.pipelines.shards import read_exclude  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"  # written beside the shards by the build (pipelines/build.py)
-INPUT_MEMBER = "input.jpg"
-TARGET_MEMBER = "target.jpg"
-META_MEMBER = "json"
-# Side-car latent shards carry the same file names as the pair shards, one member per sample, written in
-# the pair shard's order (samples may be missing): ``<key>.latent.npy``, a float16 (8, h, w) array, the
-# VAE latent's mean (4 channels) then its std (4 channels), h = w = target_size // 8.
-LATENT_MEMBER = "latent.npy"
-LATENT_CHANNELS = 8
-LATENT_DOWNSCALE = 8
 
 # CLIP's normalization, which the BLIP-2 image encoder of BLIP-Diffusion was trained with
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -68,77 +62,6 @@ _PIXEL_OFFSET = CLIP_MEAN / CLIP_STD
 CROP_SCALE = (0.9, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10  # torchvision's number of tries before its centred fallback
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    uri: str
-    samples: int | None  # from manifest.json when known
-    first_key: str | None
-    last_key: str | None
-
-
-def resolve_shards(specs: list[str]) -> list[ShardInfo]:
-    """The shards named by ``specs``: each a single ``.tar`` URI, or a folder (or object-store prefix)
-    holding ``manifest.json`` (its shards, with their sample counts), or a folder without one (every
-    ``.tar`` directly in it, counts unknown). Raises ValueError when a spec names no shard."""
-    shards = [shard for spec in specs for shard in _resolve_spec(str(spec))]
-    if not shards:
-        raise ValueError("no shards given")
-    repeated = sorted(uri for uri, count in collections.Counter(s.uri for s in shards).items() if count > 1)
-    if repeated:
-        raise ValueError(f"shards given more than once: {', '.join(repeated[:5])}")
-    return shards
-
-
-def _resolve_spec(spec: str) -> list[ShardInfo]:
-    if spec.endswith(".tar"):
-        if not storage.exists(spec):
-            raise ValueError(f"{spec}: shard not found")
-        entry = (_read_manifest(_parent(spec)) or {}).get(posixpath.basename(spec))
-        return [_shard_info(spec, entry)]
-    manifest = _read_manifest(spec)
-    present = _tars_in(spec)
-    if manifest is None:
-        if not present:
-            raise ValueError(f"{spec}: no shards (not a .tar, and no {MANIFEST_FILE} or .tar files in it)")
-        return [_shard_info(uri, None) for uri in present]
-    missing = sorted(set(manifest) - {posixpath.basename(uri) for uri in present})
-    if missing:
-        raise ValueError(
-            f"{spec}: {len(missing)} shards of {MANIFEST_FILE} are missing: {', '.join(missing[:5])}"
-        )
-    if not manifest:
-        raise ValueError(f"{spec}: {MANIFEST_FILE} lists no shards")
-    return [_shard_info(storage.join(spec, name), entry) for name, entry in manifest.items()]
-
-
-def _parent(uri: str) -> str:
-    return posixpath.dirname(uri) if storage.is_remote(uri) else str(storage.local_path(uri).parent)
-
-
-def _read_manifest(folder: str) -> dict[str, dict[str, Any]] | None:
-    """The manifest's shard entries by file name, in its order; None when the folder has no manifest."""
-    uri = storage.join(folder, MANIFEST_FILE)
-    if not storage.exists(uri):
-        return None
-    try:
-        return {entry["name"]: entry for entry in json.loads(storage.read_bytes(uri))["shards"]}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{uri}: not a shard manifest ({exc})") from exc
-
-
-def _tars_in(folder: str) -> list[str]:
-    """The ``.tar`` files directly in ``folder``, sorted; not in sub-folders, where latents may lie."""
-    fs, path = fsspec.core.url_to_fs(folder)
-    return [storage.join(folder, posixpath.basename(name))
-            for name in sorted(fs.glob(posixpath.join(path.rstrip("/"), "*.tar")))]
-
-
-def _shard_info(uri: str, entry: dict[str, Any] | None) -> ShardInfo:
-    if entry is None:
-        return ShardInfo(uri, None, None, None)
-    return ShardInfo(uri, int(entry["samples"]), entry.get("first_key"), entry.get("last_key"))
 
 
 def _expected_samples(shards: list[ShardInfo], exclude: frozenset[str] = frozenset()) -> list[float]:
@@ -216,20 +139,6 @@ class StreamPosition:
         return cls(epoch=int(d.get("epoch", 0)), batches=int(d.get("batches", 0)),
                    raw=[int(n) for n in d.get("raw", [])], corrupt=int(d.get("corrupt", 0)),
                    bad_shards=[str(uri) for uri in d.get("bad_shards", [])])
-
-
-def encode_latent(latent: np.ndarray) -> bytes:
-    """The ``latent.npy`` member of one sample: a (8, h, w) array stored as float16."""
-    if latent.ndim != 3 or latent.shape[0] != LATENT_CHANNELS:
-        raise ValueError(f"a latent is ({LATENT_CHANNELS}, h, w), got {latent.shape}")
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(latent, dtype=np.float16), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def write_latent_member(writer: wds.TarWriter, key: str, latent: np.ndarray) -> None:
-    """Write one sample's latent into a side-car shard: call in the order of the pair shard's samples."""
-    writer.write({"__key__": key, LATENT_MEMBER: encode_latent(latent)})
 
 
 @dataclass
@@ -352,39 +261,6 @@ class PairStream(IterableDataset):
         image_key = "target" if self.latents is None else "latents"
         collated[image_key] = default_collate([s[image_key] for s in batch])
         return collated
-
-
-def iter_shard(uri: str, members: frozenset[str]) -> Iterator[dict[str, Any]]:
-    """A shard's samples in tar order: ``__key__`` and the named members (bytes), the others skipped
-    unread. A key with a dot comes out whole, for the reader to refuse by the sample-key grammar. Raises
-    when the shard does not open or breaks off."""
-    with storage.open_input_stream(uri) as stream:
-        files = tar_file_expander([{"url": uri, "stream": stream}],
-                                  select_files=functools.partial(_is_named_member, members=members))
-        for sample in group_by_keys(files):
-            yield from _split_dotted_keys(sample, members)
-
-
-def _is_named_member(name: str, members: frozenset[str]) -> bool:
-    """A file of one of ``members``: ``<key>.<member>``, the key possibly with dots of its own."""
-    lowered = name.lower()
-    return any(lowered.endswith("." + member) for member in members)
-
-
-def _split_dotted_keys(sample: dict[str, Any], members: frozenset[str]) -> list[dict[str, Any]]:
-    """webdataset cuts member names at the first dot, so the members of a key ``a.b`` arrive as
-    ``b.input.jpg``, ``b.json`` of a sample ``a`` (with ``a``'s own when they follow it in the tar): the
-    sample with its own members, if it has any, then one sample per dotted key, named by its whole key."""
-    internal = {name: value for name, value in sample.items() if name.startswith("__")}
-    own = {name: value for name, value in sample.items() if name in members}
-    dotted: dict[str, dict[str, Any]] = {}
-    for name, value in sample.items():
-        if name.startswith("__") or name in members:
-            continue
-        member = next(m for m in members if name.endswith("." + m))
-        dotted.setdefault(f"{sample['__key__']}.{name[:-len(member) - 1]}", {})[member] = value
-    split = [{**internal, **own}] if own else []
-    return split + [{**internal, "__key__": key, **found} for key, found in sorted(dotted.items())]
 
 
 def _shard_samples(uri: str, members: frozenset[str], expected: int | None,

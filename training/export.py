@@ -8,12 +8,12 @@ from pathlib import Path
 import yaml
 
 from subjectpairs import storage
+from subjectpairs.configfile import CONFIG_FILE
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, refuse_overlap
 
 from .config import TrainConfig
 from .trainer import (
-    CONFIG_FILE,
     TRAINABLE_FILE,
     checkpoint_name,
     latest_checkpoint,

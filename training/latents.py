@@ -16,22 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from subjectpairs import storage
+from subjectpairs.corpus.layout import LATENT_MEMBER, MANIFEST_FILE, TARGET_MEMBER
+from subjectpairs.corpus.reader import ShardInfo, iter_shard, resolve_shards
+from subjectpairs.corpus.writer import publish_file, shard_tar_writer, write_latent_member
 from subjectpairs.errors import InputError
-from subjectpairs.identifiers import check_sample_key
 from subjectpairs.guards import OutputLock, refuse_overlap
+from subjectpairs.identifiers import check_sample_key
 from subjectpairs.raycluster import start_ray
-from subjectpairs.pipelines.shards import publish_file
 
-from .data import (
-    LATENT_MEMBER,
-    MANIFEST_FILE,
-    TARGET_MEMBER,
-    ShardInfo,
-    iter_shard,
-    resolve_shards,
-    target_pixels,
-    write_latent_member,
-)
+from .data import target_pixels
 
 
 @dataclass(frozen=True)
@@ -66,7 +59,6 @@ def vae_fingerprint(vae) -> str:
 def encode_shard(shard: ShardInfo, out: str, vae, target_size: int, batch_size: int) -> dict:
     """One pair shard -> its latent shard; returns its manifest entry."""
     import torch
-    import webdataset as wds
 
     device = next(vae.parameters()).device
     name = Path(shard.uri.rstrip("/")).name
@@ -74,7 +66,7 @@ def encode_shard(shard: ShardInfo, out: str, vae, target_size: int, batch_size: 
     skipped: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch) / name
-        with wds.TarWriter(str(local)) as writer:
+        with shard_tar_writer(str(local)) as writer:  # reproducible bytes, as the pair shards
             batch: list[tuple[str, np.ndarray]] = []
 
             def flush() -> None:

@@ -25,14 +25,13 @@ import numpy as np
 import yaml
 
 from subjectpairs import storage
-from subjectpairs.configfile import config_yaml
+from subjectpairs.configfile import CONFIG_FILE, config_yaml
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from subjectpairs.raycluster import start_ray
 
 from .config import TrainConfig
 
-CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 BASE_DIR = "base"  # the starting weights of a run built from random configs
 CHECKPOINT_PREFIX = "step-"
@@ -218,7 +217,10 @@ def train_loop(config_dict: dict) -> None:
 
     from subjectpairs.seeds import stable_seed
 
-    from .data import BatchReader, StreamPosition, read_exclude, resolve_shards
+    from subjectpairs.corpus.layout import read_exclude
+    from subjectpairs.corpus.reader import resolve_shards
+
+    from .data import BatchReader, StreamPosition
     from .latents import check_latents
 
     config = TrainConfig.model_validate(config_dict)
@@ -437,7 +439,10 @@ def prepare_run(config: TrainConfig) -> int:
 def check_data(config: TrainConfig) -> None:
     """The data flags and the batch plan, checked in the driver before Ray starts: a mistake fails at once
     in one line instead of in every worker once the cluster is up."""
-    from .data import read_exclude, resolve_shards, smallest_stream
+    from subjectpairs.corpus.layout import read_exclude
+    from subjectpairs.corpus.reader import resolve_shards
+
+    from .data import smallest_stream
 
     if config.exclude is not None and (not storage.exists(config.exclude) or storage.is_dir(config.exclude)):
         raise InputError(f"--exclude {config.exclude}: no such file")

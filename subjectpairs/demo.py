@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from subjectpairs.corpus.reader import read_shard
 from subjectpairs.curation.backgrounds import BackgroundConfig, build_pool
 from subjectpairs.curation.candidates import FilterReport, run_filter
 from subjectpairs.curation.classes import bundled_class_list
@@ -30,7 +31,6 @@ from subjectpairs.pipelines.boxes import Box
 from subjectpairs.pipelines.build import BuildReport, run_build
 from subjectpairs.pipelines.config import BuildConfig
 from subjectpairs.pipelines.sample_photos import SUBJECT_PHOTOS, TEXTURES, photo
-from subjectpairs.pipelines.shards import read_shard
 
 if TYPE_CHECKING:
     from subjectpairs.curation.review import ReviewReport

@@ -45,7 +45,7 @@ from subjectpairs.pipelines.known_alpha import CASES, known_alpha_composite  # n
 from subjectpairs.pipelines.matting import estimate_alpha  # noqa: E402
 from subjectpairs.pipelines.pairs import PairRequest, finish, prepare  # noqa: E402
 from subjectpairs.pipelines.sample_photos import SUBJECT_PHOTOS, TEXTURES, photo  # noqa: E402
-from subjectpairs.pipelines.segmenters import GrabCutSegmenter  # noqa: E402
+from subjectpairs.pipelines.segmenter_grabcut import GrabCutSegmenter
 from subjectpairs.pipelines.trimap import make_trimap  # noqa: E402
 
 TARGET_SECONDS_512 = 0.15

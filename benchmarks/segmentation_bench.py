@@ -41,13 +41,15 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from subjectpairs.pipelines.boxes import Box  # noqa: E402
-from subjectpairs.pipelines.config import PairConfig, SegmenterConfig  # noqa: E402
+from subjectpairs.pipelines.segmenters import SegmenterConfig
+from subjectpairs.pipelines.config import PairConfig
 from subjectpairs.pipelines.images import encode_png  # noqa: E402
 from subjectpairs.pipelines.matting import estimate_alpha  # noqa: E402
 from subjectpairs.pipelines.pairs import PairRequest, photo_key, prepare  # noqa: E402
 from subjectpairs.pipelines.rejections import PairRejected  # noqa: E402
 from subjectpairs.pipelines.sample_photos import photo as sample_photo  # noqa: E402
-from subjectpairs.pipelines.segmenters import Segmenter, build_segmenter, prompt_for  # noqa: E402
+from subjectpairs.pipelines.segmentation import Segmenter, prompt_for
+from subjectpairs.pipelines.segmenters import build_segmenter
 from subjectpairs.pipelines.trimap import BACKGROUND, make_trimap, normalize_map  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -44,7 +44,8 @@ from subjectpairs.pipelines.fetch import PhotoFetcher
 from subjectpairs.pipelines.pairs import PIPELINE_VERSION, Pair, PairBuilder, PairRequest
 from subjectpairs.pipelines.progress import BuildCounter, BuildProgress
 from subjectpairs.pipelines.rejections import PairRejected, Rejection, count_by_stage, isolate_failures
-from subjectpairs.pipelines.segmenters import SegmenterChoice, load_clipseg, resolve_segmenter
+from subjectpairs.pipelines.segmentation import shrink_for_model, upsample_maps
+from subjectpairs.pipelines.segmenters import SEGMENTERS, SegmenterChoice, build_segmenter, resolve_segmenter
 from subjectpairs.pipelines.shards import (
     Candidate,
     ChunkPlan,
@@ -240,17 +241,16 @@ class RemoteCaptioner:
     def caption(self, images: Any, labels: Any, keys: Any) -> list[list[str]]:
         import ray
 
-        from subjectpairs.pipelines.segmenters import shrink_for_model
-
         shrunk = shrink_for_model(images, self._input_size)
         return ray.get(self.actor.caption.remote(shrunk, list(labels), list(keys)))
 
 
 class SegmenterActor:
-    """CLIPSeg loaded once, on one GPU when there is one, serving the batches of many CPU tasks."""
+    """A segmentation model (a segmenter that ``runs_model``, CLIPSeg for the paper) loaded once, on one GPU
+    when there is one, serving the batches of many CPU tasks."""
 
     def __init__(self, config_json: str, choice: SegmenterChoice) -> None:
-        self.segmenter = load_clipseg(choice, BuildConfig.model_validate_json(config_json).pair.segmenter)
+        self.segmenter = build_segmenter(BuildConfig.model_validate_json(config_json).pair.segmenter, choice)
 
     def describe(self) -> tuple[dict[str, Any], tuple[int, int]]:
         return self.segmenter.describe(), self.segmenter.input_size
@@ -263,21 +263,18 @@ class RemoteSegmenter:
     """The segmenter interface inside a task, backed by a :class:`SegmenterActor`: images are shrunk to
     the model's input size here, maps are brought back to full size here; only small arrays travel."""
 
-    name = "clipseg"
-
     def __init__(self, actor: Any) -> None:
         import ray
 
         self.actor = actor
         self._description, self._input_size = ray.get(actor.describe.remote())
+        self.name = self._description["name"]
 
     def describe(self) -> dict[str, Any]:
         return self._description
 
     def segment(self, images: Any, prompts: Any, boxes: Any) -> list:
         import ray
-
-        from subjectpairs.pipelines.segmenters import shrink_for_model, upsample_maps
 
         shrunk = shrink_for_model(images, self._input_size)
         return upsample_maps(images, ray.get(self.actor.probabilities.remote(shrunk, list(prompts))))
@@ -312,21 +309,22 @@ def build_chunk(config_json: str, segmenter: SegmenterChoice, plan: ChunkPlan, c
 
 
 def start_model_actors(config: BuildConfig, segmenter: SegmenterChoice) -> tuple[list[Any], list[Any]]:
-    """CLIPSeg and BLIP-2 actors: by default one of each per GPU (sharing it when both run), none
-    without GPUs; ``segment_actors`` / ``caption_actors`` set the counts (on CPUs when there are no GPUs)."""
+    """Segmentation-model and BLIP-2 actors: by default one of each per GPU (sharing it when both run),
+    none without GPUs; ``segment_actors`` / ``caption_actors`` set the counts (on CPUs when there are no
+    GPUs)."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    uses_clipseg = segmenter.name == "clipseg"
+    runs_model = SEGMENTERS[segmenter.name].runs_model
     segmenters = config.segment_actors
     if segmenters is None:
-        segmenters = gpus if uses_clipseg else 0
+        segmenters = gpus if runs_model else 0
     captioners = config.caption_actors
     if captioners is None:
         captioners = gpus if config.captioner.model is not None else 0
-    if segmenters and not uses_clipseg:
-        raise InputError(f"segment_actors serve CLIPSeg and this build runs GrabCut ({segmenter.reason}): "
-                         "set pair.segmenter.kind=clipseg (or a model)")
+    if segmenters and not runs_model:
+        raise InputError(f"segment_actors serve a segmentation model and this build runs {segmenter.name}, "
+                         f"which has none ({segmenter.reason}): set pair.segmenter.kind=clipseg (or a model)")
     if captioners and config.captioner.model is None:
         raise InputError("caption_actors serve BLIP-2: set captioner.model")
     share = 0.5 if segmenters and captioners else 1.0

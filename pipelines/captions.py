@@ -192,7 +192,7 @@ class Blip2Captioner:
 
     def caption(self, images: Sequence[np.ndarray], labels: Sequence[str], keys: Sequence[str]) -> list[list[str]]:
         """Captions per photo; photos may come already shrunk to ``input_size`` (from another process)."""
-        from subjectpairs.pipelines.segmenters import shrink_for_model
+        from subjectpairs.pipelines.segmentation import shrink_for_model
 
         if not images:
             return []

@@ -10,33 +10,13 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from subjectpairs.curation.config import FILTER_PATH_KEYS, FilterConfig
+from subjectpairs.pipelines.segmenters import SegmenterConfig
 
-DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
 DEFAULT_CAPTION_RANKER = "openai/clip-vit-large-patch14"  # the authors' CLIP ViT-L/14
 
 
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class SegmenterConfig(_Settings):
-    # auto: CLIPSeg when weights are configured or in the local hub cache, otherwise GrabCut (works offline,
-    # with a warning: it is not the paper's recipe).
-    kind: Literal["auto", "clipseg", "grabcut"] = "auto"
-    model: str | None = Field(None, description=f"CLIPSeg hub id or folder (clipseg default: {DEFAULT_CLIPSEG})")
-    require_clipseg: bool = Field(
-        False, description="stop at start-up instead of letting auto fall back to GrabCut (the paper's recipe only)"
-    )
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    batch_size: int = Field(32, ge=1)
-    grabcut_iterations: int = Field(3, ge=1, le=20)
-    grabcut_side: int = Field(128, ge=32, description="short side GrabCut works at; its mask is upsampled")
-
-    @model_validator(mode="after")
-    def _clipseg_possible(self) -> "SegmenterConfig":
-        if self.require_clipseg and self.kind == "grabcut":
-            raise ValueError("require_clipseg contradicts kind grabcut")
-        return self
 
 
 class TrimapConfig(_Settings):

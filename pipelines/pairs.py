@@ -23,7 +23,8 @@ from subjectpairs.pipelines.images import decode_image, encode_jpeg, encode_png,
 from subjectpairs.pipelines.matting import matte
 from subjectpairs.pipelines.quality import pair_metrics, quality_gate
 from subjectpairs.pipelines.rejections import PairRejected, Rejection, isolate_failures
-from subjectpairs.pipelines.segmenters import Segmenter, SegmenterChoice, build_segmenter, prompt_for
+from subjectpairs.pipelines.segmentation import Segmenter, prompt_for
+from subjectpairs.pipelines.segmenters import SegmenterChoice, build_segmenter
 from subjectpairs.pipelines.trimap import make_trimap, read_trimap
 
 PIPELINE_VERSION = "2"  # 2: background_pool in the pair json

@@ -18,7 +18,7 @@ from subjectpairs.pipelines.captions import (
     keep_mentioning,
     template_caption,
 )
-from subjectpairs.pipelines.segmenters import shrink_for_model
+from subjectpairs.pipelines.segmentation import shrink_for_model
 
 
 def test_captions_file_by_image_and_label(tmp_path):

@@ -185,7 +185,7 @@ def test_photo_keys_have_no_dots():
 
 def test_an_unexpected_error_rejects_only_the_sample_it_comes_from(photos, monkeypatch):
     import subjectpairs.pipelines.pairs as pairs
-    from subjectpairs.pipelines.config import SegmenterConfig
+    from subjectpairs.pipelines.segmenters import SegmenterConfig
     from subjectpairs.pipelines.segmenters import build_segmenter
 
     class ChokesOnOdd:

@@ -11,7 +11,8 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from subjectpairs.pipelines.config import PairConfig, SegmenterConfig
+from subjectpairs.pipelines.segmenters import SegmenterConfig
+from subjectpairs.pipelines.config import PairConfig
 from subjectpairs.pipelines.segmenters import build_segmenter
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "segmentation_bench.py"

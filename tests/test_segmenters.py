@@ -13,10 +13,12 @@ from skimage import data
 
 from subjectpairs.errors import InputError
 from subjectpairs.pipelines.boxes import Box
-from subjectpairs.pipelines.config import DEFAULT_CLIPSEG, SegmenterConfig
-from subjectpairs.pipelines.segmenters import (
-    ClipSegSegmenter, GrabCutSegmenter, build_segmenter, prompt_for, resolve_segmenter,
-)
+from subjectpairs.pipelines.config import PairConfig
+from subjectpairs.pipelines.pairs import PairBuilder, PairRequest
+from subjectpairs.pipelines.segmentation import prompt_for
+from subjectpairs.pipelines.segmenter_clipseg import DEFAULT_CLIPSEG, ClipSegSegmenter
+from subjectpairs.pipelines.segmenter_grabcut import GrabCutSegmenter
+from subjectpairs.pipelines.segmenters import SEGMENTERS, SegmenterConfig, build_segmenter, resolve_segmenter
 
 IMAGES = [data.astronaut(), data.coffee(), data.chelsea()]  # 512x512, 400x600, 300x451
 PROMPTS = ["person", "coffee cup", "cat"]
@@ -143,3 +145,44 @@ def test_grabcut_is_deterministic_and_handles_a_whole_image_box():
     second = GrabCutSegmenter().segment([photo], ["cat"], [Box(0.0, 1.0, 0.0, 1.0)])[0]
     assert np.array_equal(first, second)
     assert 0.05 < (first > 0.5).mean() < 0.95
+
+
+class BoxSegmenter:
+    """A segmenter as a new module would add one: the subject box, filled."""
+
+    name = "box"
+    runs_model = False
+    default_model = None
+
+    @classmethod
+    def from_config(cls, config, choice) -> "BoxSegmenter":
+        return cls()
+
+    def segment(self, images, prompts, boxes):
+        maps = []
+        for image, box in zip(images, boxes):
+            mask = np.zeros(image.shape[:2], np.float32)
+            x0, x1, y0, y1 = box.pixels(*image.shape[:2])
+            mask[y0:y1, x0:x1] = 1.0
+            maps.append(mask)
+        return maps
+
+    def describe(self):
+        return {"name": self.name}
+
+
+def test_a_registered_segmenter_is_configured_by_kind_and_builds_pairs(monkeypatch):
+    """Adding a segmenter is its class and one registry line: the config accepts its name, the driver
+    resolves it, the pair builder runs it and each pair names it."""
+    with pytest.raises(ValidationError, match="unknown segmenter 'box': auto or one of clipseg, grabcut"):
+        SegmenterConfig(kind="box")
+    monkeypatch.setitem(SEGMENTERS, "box", BoxSegmenter)
+    config = SegmenterConfig(kind="box")
+    choice = resolve_segmenter(config)
+    assert (choice.name, choice.requested, choice.model, choice.fallback) == ("box", "box", None, False)
+    assert isinstance(build_segmenter(config, choice), BoxSegmenter)
+    photo = cv2.imencode(".jpg", cv2.cvtColor(data.coffee(), cv2.COLOR_RGB2BGR))[1].tobytes()
+    builder = PairBuilder(PairConfig(segmenter={"kind": "box"}, quality={"enabled": False}), choice=choice)
+    (pair,) = builder.build([PairRequest("cup", "Coffee cup", photo, box=Box(0.2, 0.8, 0.1, 0.9))])
+    assert pair.segmenter == {"name": "box"}
+    assert pair.alpha[200, 300] > 0.5 and pair.alpha[5, 5] < 0.5  # inside and outside the box

@@ -7,7 +7,6 @@ import json
 import time
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -23,7 +22,7 @@ from subjectpairs.curation.filter import FunnelStep, apply_rules, candidate_tabl
 from subjectpairs.curation.openimages import check_columns, read_boxes, read_header
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, refuse_overlap
-from subjectpairs.storage import StagedOutputs, exists, is_remote, join, local_path, reading
+from subjectpairs.storage import StagedOutputs, exists, join, list_folder, reading
 
 CANDIDATES_FILE = "candidates.parquet"
 FUNNEL_FILE = "funnel.json"
@@ -146,12 +145,7 @@ def attach_image_list(table: pd.DataFrame, uri: str, split: str) -> tuple[pd.Dat
 
 def keep_downloaded_images(table: pd.DataFrame, image_dir: str) -> tuple[pd.DataFrame, FunnelStep]:
     """In a zoo folder, keep candidates whose ``data/<ImageID>.jpg`` was downloaded."""
-    if is_remote(image_dir):
-        fs, root = fsspec.core.url_to_fs(image_dir)
-        names = {name.rsplit("/", 1)[-1] for name in fs.ls(root, detail=False)} if fs.exists(root) else set()
-    else:
-        folder = local_path(image_dir)
-        names = {entry.name for entry in folder.iterdir()} if folder.is_dir() else set()
+    names = set(list_folder(image_dir))
     filenames = table["image_id"].astype(str) + ".jpg"
     present = filenames.isin(names).to_numpy()
     kept = table.loc[present].reset_index(drop=True)

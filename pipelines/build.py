@@ -401,16 +401,8 @@ def _recorded_shards(out: str) -> set[str]:
 def _clear_output(out: str) -> None:
     """Remove an earlier build: the shards its manifest or progress records name, then its own files. Nothing
     else in the folder is touched (a shard no record names may be someone else's)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(out) if storage.is_remote(out) else (fsspec.filesystem("file"), out)
-    for name in sorted(_recorded_shards(out)) + list(OWN_FILES):
-        path = f"{root.rstrip('/')}/{name}"
-        if fs.exists(path):
-            fs.rm(path)
-    progress = f"{root.rstrip('/')}/{PROGRESS_DIR}"
-    if fs.exists(progress):
-        fs.rm(progress, recursive=True)
+    for name in [*sorted(_recorded_shards(out)), *OWN_FILES, PROGRESS_DIR]:
+        storage.remove(storage.join(out, name))
 
 
 def prepare_output(config: BuildConfig, overwrite: bool) -> None:

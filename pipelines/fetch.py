@@ -22,7 +22,6 @@ import time
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
-import fsspec
 import requests
 
 from subjectpairs import __version__, storage
@@ -55,7 +54,7 @@ class PhotoFetcher:
     def __init__(self, config: FetchConfig) -> None:
         self.config = config
         self._session: requests.Session | None = None
-        self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+        self._readers: dict[str, storage.FileReader] = {}
 
     @property
     def session(self) -> requests.Session:
@@ -147,13 +146,12 @@ class PhotoFetcher:
             raise PairRejected("fetch", "deadline", f"no whole body within fetch.deadline ({self.config.deadline} s)")
         return bytes(body)
 
-    def _filesystem(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    def _reader(self, uri: str) -> storage.FileReader:
         protocol = uri.split("://", 1)[0] if storage.is_remote(uri) else "file"
-        if protocol not in self._filesystems:
+        if protocol not in self._readers:
             options = {"anon": True} if protocol == "s3" and self._anonymous_s3() else {}
-            self._filesystems[protocol] = fsspec.filesystem(protocol, **options)
-        fs = self._filesystems[protocol]
-        return fs, fs._strip_protocol(uri) if storage.is_remote(uri) else str(storage.local_path(uri))
+            self._readers[protocol] = storage.FileReader(protocol, **options)
+        return self._readers[protocol]
 
     def _anonymous_s3(self) -> bool:
         """Public buckets (OpenImages' own) need no account; private ones need the configured one."""
@@ -164,9 +162,9 @@ class PhotoFetcher:
         return botocore.session.Session().get_credentials() is None
 
     def _read(self, uri: str) -> bytes:
-        fs, path = self._filesystem(uri)
+        reader = self._reader(uri)
         try:
-            return fs.cat_file(path)
+            return reader.read(uri)
         except FileNotFoundError as exc:
             raise PairRejected("fetch", "not_found", "no such file") from exc
         except (TimeoutError, ConnectionError) as exc:

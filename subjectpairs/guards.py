@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-import fsspec
 import psutil
 
 from subjectpairs import storage
@@ -68,11 +67,7 @@ def refuse_overlap(out: str, inputs: Mapping[str, str | None], out_flag: str = "
 
 def output_entries(out: str) -> list[str]:
     """The names directly in an output folder, less its lock: what a command would write over or beside."""
-    fs, root = fsspec.core.url_to_fs(out) if storage.is_remote(out) else (fsspec.filesystem("file"), str(out))
-    if not fs.isdir(root):
-        return []
-    names = (path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False))
-    return sorted(name for name in names if not name.startswith(LOCK_FILE))
+    return [name for name in storage.list_folder(out) if not name.startswith(LOCK_FILE)]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -178,12 +173,11 @@ class OutputLock:
             os.close(folder)
 
     def _acquire_remote(self) -> None:
-        fs, path = fsspec.core.url_to_fs(self.uri)
-        if fs.exists(path):
+        if storage.exists(self.uri):
             holder = self._read()
             if holder is not None and not self._stale(holder):
                 raise self._refuse(holder)
-        fs.pipe_file(path, self._record())
+        storage.publish_bytes(self.uri, self._record())  # one whole put
         holder = self._read() or {}
         if holder.get("token") != self.token:
             raise self._refuse(holder)
@@ -195,15 +189,11 @@ class OutputLock:
         holder = self._read()
         if holder is None or holder.get("token") != self.token:
             return  # not ours any more: leave it
-        if storage.is_remote(self.uri):
-            fs, path = fsspec.core.url_to_fs(self.uri)
-            fs.rm_file(path)
-        else:
-            storage.local_path(self.uri).unlink(missing_ok=True)
-            if self._made_folder:
-                # a command that stopped before writing anything leaves no empty folder it made behind
-                with contextlib.suppress(OSError):  # not empty: the command's output is there
-                    storage.local_path(self.out).rmdir()
+        storage.remove(self.uri)
+        if self._made_folder:  # only ever a local folder
+            # a command that stopped before writing anything leaves no empty folder it made behind
+            with contextlib.suppress(OSError):  # not empty: the command's output is there
+                storage.local_path(self.out).rmdir()
 
     def __enter__(self) -> OutputLock:
         self.acquire()

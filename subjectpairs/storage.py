@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import fsspec
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 
 from subjectpairs.errors import InputError
@@ -68,6 +70,27 @@ def list_files(folder: str | Path, suffixes: tuple[str, ...]) -> list[str]:
     return sorted(name for name in found if name.lower().endswith(suffixes))
 
 
+def list_folder(folder: str | Path) -> list[str]:
+    """The names directly in a folder (files and sub-folders, hidden ones too), sorted; none when there is no
+    such folder."""
+    if not is_dir(folder):
+        return []
+    if is_remote(str(folder)):
+        fs, path = fsspec.core.url_to_fs(str(folder))
+        return sorted(name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(path, detail=False))
+    return sorted(os.listdir(local_path(folder)))
+
+
+def file_sizes(folder: str | Path) -> dict[str, int]:
+    """The size in bytes of each file directly in a folder, by name (sub-folders left out); a folder that is
+    not there raises FileNotFoundError."""
+    if is_remote(str(folder)):
+        fs, path = fsspec.core.url_to_fs(str(folder))
+        return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"]
+                for entry in fs.ls(path, detail=True) if entry["type"] == "file"}
+    return {entry.name: entry.stat().st_size for entry in os.scandir(local_path(folder)) if entry.is_file()}
+
+
 def open_input_stream(uri: str | Path) -> pa.NativeFile:
     """A readable stream, decompressed by the file's suffix (.gz, .bz2, .zst, .lz4)."""
     text = str(uri)
@@ -110,6 +133,22 @@ def reading(uri: str | Path) -> Iterator[pa.NativeFile]:
 def read_bytes(uri: str | Path) -> bytes:
     with reading(uri) as stream:
         return stream.read()
+
+
+class FileReader:
+    """Reads whole files of one protocol (``"file"`` for local paths) as they are stored, not decompressed,
+    through one fsspec filesystem made with ``options`` (``anon=True``: a public S3 bucket, no account).
+
+    A read that fails raises what the filesystem raises (FileNotFoundError, another OSError, ...), for the
+    caller to sort; :func:`read_bytes` is the reader whose failures are one InputError.
+    """
+
+    def __init__(self, protocol: str, **options: Any) -> None:
+        self._fs = fsspec.filesystem(protocol, **options)
+
+    def read(self, uri: str | Path) -> bytes:
+        text = str(uri)
+        return self._fs.cat_file(self._fs._strip_protocol(text) if is_remote(text) else str(local_path(text)))
 
 
 def read_parquet(uri: str | Path, what: str, columns: list[str] | None = None) -> pd.DataFrame:
@@ -243,6 +282,39 @@ def publish_folder(local_folder: str | Path, uri: str | Path) -> None:
     shutil.copytree(local_folder, local_path(uri), dirs_exist_ok=True)
 
 
+def download_folder(uri: str | Path, local_folder: str | Path) -> None:
+    """Copy a folder tree at a path or URI into a local folder (made when missing; the tree's files land
+    directly in it), replacing files of the same names; a folder that is not there raises
+    FileNotFoundError."""
+    if is_remote(str(uri)):
+        fs, path = fsspec.core.url_to_fs(str(uri))
+        fs.get(path.rstrip("/") + "/", str(local_folder), recursive=True)
+        return
+    shutil.copytree(local_path(uri), local_folder, dirs_exist_ok=True)
+
+
+def upload_file(local: str | Path, uri: str | Path) -> None:
+    """Copy a local file to a path or URI. An object store gets one whole put: the object appears only once
+    the upload completed. A local copy is written in place and flushed to disk (fsync) before this returns:
+    copy to a staged name and rename it to publish a local file whole."""
+    if is_remote(str(uri)):
+        fs, path = fsspec.core.url_to_fs(str(uri))
+        fs.put_file(str(local), path)
+        return
+    with open(local, "rb") as source, open(local_path(uri), "wb") as sink:
+        while block := source.read(1 << 22):
+            sink.write(block)
+        sink.flush()
+        os.fsync(sink.fileno())
+
+
 def absolute(uri: str) -> str:
     """A local path made absolute (Ray workers may run in another working directory); URIs unchanged."""
     return uri if is_remote(uri) else str(local_path(uri).expanduser().resolve())
+
+
+def arrow_filesystem(uri: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A pyarrow filesystem for a path or URI, and the path in it, for libraries that take one (Ray Train's
+    storage); the URI's fsspec filesystem underneath, so it reaches what the rest of this module does."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

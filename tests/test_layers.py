@@ -98,3 +98,11 @@ def test_the_corpus_format_is_defined_once():
     assert {name: places for name, places in definitions.items() if len(places) > 1} == {}
     assert definitions["read_exclude"] == ["subjectpairs.corpus.layout"]
     assert definitions["CONFIG_FILE"] == ["subjectpairs.configfile"]
+
+
+def test_only_storage_imports_fsspec():
+    """Where bytes live is decided in subjectpairs/storage.py alone: no other module imports fsspec, not even
+    inside a function."""
+    importers = {module for module, path in source_modules().items()
+                 for _, target in imported_modules(module, path) if target.split(".")[0] == "fsspec"}
+    assert importers == {"subjectpairs.storage"}

@@ -64,34 +64,31 @@ class CheckpointScan:
 
 
 def scan_checkpoints(run: str) -> CheckpointScan:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(run)
-    if not fs.exists(path):
-        return CheckpointScan([], {})
-    folders = sorted(Path(p).name for p in fs.ls(path, detail=False) if Path(p).name.startswith(CHECKPOINT_PREFIX))
-    snapshot = f"{path.rstrip('/')}/{RAY_SNAPSHOT_FILE}"
-    ray_listed = fs.cat_file(snapshot).decode("utf-8", "replace") if fs.exists(snapshot) else ""
-    problems = {name: _checkpoint_problem(fs, f"{path.rstrip('/')}/{name}", name in ray_listed)
-                for name in folders}
+    folders = [name for name in storage.list_folder(run) if name.startswith(CHECKPOINT_PREFIX)]
+    snapshot = storage.join(run, RAY_SNAPSHOT_FILE)
+    ray_listed = storage.read_bytes(snapshot).decode("utf-8", "replace") if storage.exists(snapshot) else ""
+    problems = {name: _checkpoint_problem(storage.join(run, name), name in ray_listed) for name in folders}
     return CheckpointScan([storage.join(run, name) for name, problem in problems.items() if problem is None],
                           {storage.join(run, name): problem for name, problem in problems.items() if problem})
 
 
-def _checkpoint_problem(fs, folder: str, ray_listed: bool) -> str | None:
+def _checkpoint_problem(folder: str, ray_listed: bool) -> str | None:
     """Why a checkpoint folder is not whole, None when it is.
 
     Runs made before checkpoints carried ``COMPLETE_FILE`` counted a checkpoint once Ray Train's snapshot
     listed it (Ray writes that after the checkpoint is stored): such a folder is whole as it was then."""
+    complete = storage.join(folder, COMPLETE_FILE)
     try:
-        written = json.loads(fs.cat_file(f"{folder}/{COMPLETE_FILE}"))["files"]
-    except FileNotFoundError:
-        if ray_listed and fs.exists(f"{folder}/{STATE_FILE}"):
+        written = json.loads(storage.read_bytes(complete))["files"]
+    except InputError:
+        if storage.exists(complete):
+            raise  # there, but it cannot be read
+        if ray_listed and storage.exists(storage.join(folder, STATE_FILE)):
             return None
         return f"no {COMPLETE_FILE}: it was never finished"
     except (ValueError, KeyError, TypeError) as exc:
         return f"{COMPLETE_FILE} does not read ({exc})"
-    sizes = {Path(entry["name"]).name: entry["size"] for entry in fs.ls(folder, detail=True)}
+    sizes = storage.file_sizes(folder)
     for name, size in written.items():
         if name not in sizes:
             return f"{name} is missing"
@@ -102,11 +99,7 @@ def _checkpoint_problem(fs, folder: str, ray_listed: bool) -> str | None:
 
 def mark_complete(folder: str) -> None:
     """Records a checkpoint's files and sizes in ``COMPLETE_FILE``, written last and atomically."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(folder)
-    files = {Path(entry["name"]).name: entry["size"] for entry in fs.ls(path, detail=True)
-             if entry["type"] == "file" and Path(entry["name"]).name != COMPLETE_FILE}
+    files = {name: size for name, size in storage.file_sizes(folder).items() if name != COMPLETE_FILE}
     storage.publish_bytes(storage.join(folder, COMPLETE_FILE), json.dumps({"files": files}).encode())
 
 
@@ -129,11 +122,8 @@ def _local_folder(uri: str, scratch: str) -> str:
     """A local copy of a folder URI (models load from local folders or hub ids)."""
     if not storage.is_remote(uri):
         return str(storage.local_path(uri))
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    target = os.path.join(scratch, Path(path).name)
-    fs.get(path, target, recursive=True)
+    target = os.path.join(scratch, Path(uri).name)
+    storage.download_folder(uri, target)
     return target
 
 
@@ -509,13 +499,9 @@ def _storage(run: str) -> dict:
     if not storage.is_remote(run):
         path = storage.local_path(run).resolve()
         return {"storage_path": str(path.parent), "name": path.name}
-    import fsspec
-    import pyarrow.fs
-
-    fs, path = fsspec.core.url_to_fs(run)
+    filesystem, path = storage.arrow_filesystem(run)
     parent, name = path.rstrip("/").rsplit("/", 1)
-    return {"storage_path": parent, "name": name,
-            "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+    return {"storage_path": parent, "name": name, "storage_filesystem": filesystem}
 
 
 @dataclass

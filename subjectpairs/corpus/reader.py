@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-
 from subjectpairs import storage
 
 from .layout import MANIFEST_FILE
@@ -78,9 +76,7 @@ def _read_manifest(folder: str) -> dict[str, dict[str, Any]] | None:
 
 def _tars_in(folder: str) -> list[str]:
     """The ``.tar`` files directly in ``folder``, sorted; not in sub-folders, where latents may lie."""
-    fs, path = fsspec.core.url_to_fs(folder)
-    return [storage.join(folder, posixpath.basename(name))
-            for name in sorted(fs.glob(posixpath.join(path.rstrip("/"), "*.tar")))]
+    return [storage.join(folder, name) for name in storage.list_folder(folder) if name.endswith(".tar")]
 
 
 def _shard_info(uri: str, entry: dict[str, Any] | None) -> ShardInfo:

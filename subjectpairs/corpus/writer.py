@@ -12,7 +12,6 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import webdataset as wds
 
@@ -110,17 +109,12 @@ def file_sha256(uri: str) -> str:
 def publish_file(local: str, target: str) -> None:
     """Make ``local`` appear at ``target`` whole or not at all."""
     if storage.is_remote(target):
-        fs, path = fsspec.core.url_to_fs(target)
-        fs.put_file(local, path)  # an object store shows an object only once its upload completes
+        storage.upload_file(local, target)  # an object store shows an object only once its upload completes
         return
     final = storage.local_path(target)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f".{final.name}.partial")
-    with open(local, "rb") as source, open(staging, "wb") as sink:
-        while block := source.read(1 << 22):
-            sink.write(block)
-        sink.flush()
-        os.fsync(sink.fileno())
+    storage.upload_file(local, staging)
     os.replace(staging, final)
 
 

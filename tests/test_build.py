@@ -21,7 +21,8 @@ from PIL import Image
 
 from subjectpairs.corpus.reader import read_shard
 from subjectpairs.curation.candidates import run_filter
-from subjectpairs.pipelines.build import OutputInUse, run_build
+from subjectpairs.pipelines.build_plan import OutputInUse
+from subjectpairs.pipelines.build import run_build
 from subjectpairs.pipelines.config import BuildConfig
 from subjectpairs.demo import write_demo_data
 

@@ -108,7 +108,7 @@ def test_blip2_captioner_ranks_with_clip_filters_by_label_and_is_deterministic(t
 
 
 def test_blip2_captioner_samples_with_the_configured_settings(tiny_blip2, monkeypatch):
-    from subjectpairs.pipelines.build import load_captioner
+    from subjectpairs.pipelines.chunks import load_captioner
     from subjectpairs.pipelines.config import BuildConfig
 
     config = BuildConfig.model_validate({
@@ -160,7 +160,7 @@ def test_a_captioner_failing_on_one_photo_rejects_only_that_pair(tmp_path):
     from types import SimpleNamespace
 
     from subjectpairs.pipelines.boxes import WHOLE_IMAGE
-    from subjectpairs.pipelines.build import ChunkBuilder
+    from subjectpairs.pipelines.chunks import ChunkBuilder
     from subjectpairs.pipelines.config import BuildConfig
     from subjectpairs.pipelines.rejections import Rejection
     from subjectpairs.pipelines.shards import Candidate

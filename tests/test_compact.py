@@ -321,10 +321,10 @@ def test_the_trainer_reads_exclude_files_with_the_same_parser():
     """The build, `shards compact` and the trainer all take the exclude list from the corpus core."""
     import inspect
 
-    from subjectpairs.pipelines import build, compact
+    from subjectpairs.pipelines import build_plan, compact
     from subjectpairs.training import trainer
 
-    assert build.read_exclude is compact.read_exclude is read_exclude
+    assert build_plan.read_exclude is compact.read_exclude is read_exclude
     assert "from subjectpairs.corpus.layout import read_exclude" in inspect.getsource(trainer)
 
 

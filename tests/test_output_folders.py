@@ -15,7 +15,9 @@ import yaml
 from subjectpairs.corpus.writer import ShardFile
 from subjectpairs.errors import InputError
 from subjectpairs.guards import LOCK_FILE, OutputLock
-from subjectpairs.pipelines.build import ChunkRecord, prepare_output, run_build
+from subjectpairs.pipelines.build_plan import prepare_output
+from subjectpairs.pipelines.chunks import ChunkRecord
+from subjectpairs.pipelines.build import run_build
 from subjectpairs.pipelines.config import BuildConfig
 
 

@@ -1,0 +1,182 @@
+"""The chunk runner: one chunk of candidates in, its shards and its record out, in one process, without Ray.
+
+A :class:`ChunkBuilder` fetches a chunk's photos (on a few threads), builds the pairs in batches (decode,
+segment, trimap, matting, composite, quality), captions them and writes them through the corpus writer,
+which publishes the chunk's tars whole. The build job runs it in Ray tasks; tests run it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from subjectpairs.corpus.writer import ChunkWriter, ShardFile
+from subjectpairs.pipelines.captions import Blip2Captioner, Captions, template_caption
+from subjectpairs.pipelines.config import BuildConfig
+from subjectpairs.pipelines.fetch import PhotoFetcher
+from subjectpairs.pipelines.pairs import Pair, PairBuilder, PairRequest
+from subjectpairs.pipelines.rejections import PairRejected, Rejection, isolate_failures
+from subjectpairs.pipelines.segmenters import SegmenterChoice
+from subjectpairs.pipelines.shards import Candidate, ChunkPlan
+
+
+# Threads fetching one batch's photos at once, so slow servers overlap instead of idling the core.
+FETCH_THREADS = 8
+
+
+@dataclass
+class ChunkRecord:
+    chunk: int
+    plan_sha256: str  # the chunk's keys: a record only counts for the same plan
+    shards: list[ShardFile]
+    pairs: int
+    rejects: list[Rejection]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ChunkRecord":
+        data = json.loads(text)
+        return cls(
+            chunk=data["chunk"], plan_sha256=data["plan_sha256"],
+            shards=[ShardFile(**s) for s in data["shards"]], pairs=data["pairs"],
+            rejects=[Rejection(**r) for r in data["rejects"]], seconds=data.get("seconds", {}),
+        )
+
+
+def plan_sha256(plan: ChunkPlan) -> str:
+    text = "\n".join(f"{c.key}\t{c.photo_uri}\t{c.box.as_list()}\t{c.category}" for c in plan.candidates)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sample_json(pair: Pair, candidate: Candidate, captions: list[str], caption_source: str, config_hash: str) -> bytes:
+    meta = pair.meta()
+    meta.pop("seconds")  # timings vary run to run; shards must not
+    meta.update(
+        image_id=candidate.image_id, label_mid=candidate.label_mid, captions=captions,
+        caption_source=caption_source, config_hash=config_hash, source=candidate.photo_uri,
+    )
+    return json.dumps(meta, sort_keys=True).encode()
+
+
+def load_captioner(config: BuildConfig) -> Blip2Captioner:
+    settings = config.captioner
+    assert settings.model is not None
+    return Blip2Captioner.from_pretrained(
+        settings.model, ranker=settings.ranker, device=settings.device, keep=settings.keep,
+        label_match=settings.label_match, samples=settings.samples, top_p=settings.top_p,
+        min_length=settings.min_length, max_new_tokens=settings.max_new_tokens, seed=config.pair.seed,
+    )
+
+
+class ChunkBuilder:
+    """Builds chunks in one worker process; the segmenter, backgrounds and captions load once."""
+
+    def __init__(self, config: BuildConfig, segmenter: SegmenterChoice | None = None) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)  # one core per task; parallelism comes from Ray
+        self.config = config
+        self.config_hash = config.config_hash()
+        self.pairs = PairBuilder(config.pair, choice=segmenter)
+        self.fetcher = PhotoFetcher(config.fetch)
+        self.captions = Captions.from_jsonl(config.captions) if config.captions else Captions()
+        self._captioner: Any = None
+
+    @property
+    def captioner(self) -> Any:
+        """The captioning stage: an actor's proxy when one was given, else BLIP-2 loaded here on first use."""
+        if self._captioner is None and self.config.captioner.model is not None:
+            self._captioner = load_captioner(self.config)
+        return self._captioner
+
+    @captioner.setter
+    def captioner(self, captioner: Any) -> None:
+        self._captioner = captioner
+
+    def _captions(self, done: list[tuple[Candidate, Pair]]) -> list[tuple[list[str], str] | Rejection]:
+        """Per pair: the captions file's, else the captioner's (one batch), else the template; a pair the
+        captioner fails on alone is rejected, the others keep their captions."""
+        from_file = [self.captions.from_file(c.image_id, c.category) for c, _ in done]
+        found: list[tuple[list[str], str] | Rejection] = [(captions, "captions.jsonl") for captions in from_file]
+        missing = [i for i, captions in enumerate(from_file) if not captions]
+        if self.captioner is not None and missing:
+            captioner = self.captioner
+
+            def caption(indices: list[int]) -> list[list[str]]:
+                return captioner.caption(
+                    [done[i][1].target for i in indices], [done[i][0].category for i in indices],
+                    [done[i][0].key for i in indices],
+                )
+
+            generated = isolate_failures(caption, missing, [done[i][0].key for i in missing], "caption")
+            for index, captions in zip(missing, generated):
+                found[index] = captions if isinstance(captions, Rejection) else (captions, captioner.name)
+        return [
+            item if isinstance(item, Rejection) or item[0] else (template_caption(candidate.category), "template")
+            for item, (candidate, _) in zip(found, done)
+        ]
+
+    def _fetch_batch(self, batch: tuple[Candidate, ...]) -> list[PairRequest | Rejection]:
+        def fetch(candidate: Candidate) -> PairRequest | Rejection:
+            try:
+                photo = self.fetcher.fetch(candidate.photo_uri, local=not candidate.photo_from_url)
+            except PairRejected as exc:
+                return Rejection.from_error(candidate.key, exc)
+            return PairRequest(candidate.key, candidate.category, photo, candidate.box, source=candidate.photo_uri)
+
+        with ThreadPoolExecutor(min(FETCH_THREADS, len(batch))) as pool:
+            return list(pool.map(fetch, batch))
+
+    def build(self, plan: ChunkPlan, report: Callable[[int, int], None] | None = None) -> ChunkRecord:
+        writer = ChunkWriter(self.config.out, plan.index, self.config.shards.max_bytes)
+        rejects: list[Rejection] = []
+        seconds: Counter[str] = Counter()
+        pairs = 0
+        try:
+            size = self.config.batch_size
+            for start in range(0, len(plan.candidates), size):
+                batch = plan.candidates[start:start + size]
+                started = time.perf_counter()
+                fetched = self._fetch_batch(batch)
+                seconds["fetch"] += time.perf_counter() - started
+                requests = [item for item in fetched if isinstance(item, PairRequest)]
+                built = iter(self.pairs.build(requests))
+                done: list[tuple[Candidate, Pair]] = []
+                for candidate, item in zip(batch, fetched):
+                    result = item if isinstance(item, Rejection) else next(built)
+                    if isinstance(result, Rejection):
+                        rejects.append(result)
+                    else:
+                        done.append((candidate, result))
+                started = time.perf_counter()
+                captions = self._captions(done)
+                seconds["caption"] += time.perf_counter() - started
+                for (candidate, pair), captioned in zip(done, captions):
+                    if isinstance(captioned, Rejection):
+                        rejects.append(captioned)
+                        continue
+                    texts, source = captioned
+                    encode_started = time.perf_counter()
+                    members = pair.members()
+                    members["json"] = sample_json(pair, candidate, texts, source, self.config_hash)
+                    writer.write(candidate.key, members)
+                    seconds.update(pair.seconds)
+                    seconds["encode"] += time.perf_counter() - encode_started
+                    pairs += 1
+                if report is not None:
+                    written = sum(not isinstance(c, Rejection) for c in captions)
+                    report(written, len(batch) - written)
+            started = time.perf_counter()
+            shards = writer.publish()
+            seconds["publish"] += time.perf_counter() - started
+        finally:
+            writer.close()
+        return ChunkRecord(plan.index, plan_sha256(plan), shards, pairs, rejects, dict(seconds))

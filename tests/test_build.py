@@ -75,6 +75,20 @@ def first_build(ray_local, demo_inputs, tmp_path_factory):
     return out, report
 
 
+def test_a_chunk_builds_without_ray_into_the_same_shard_as_the_job(first_build, demo_inputs, tmp_path):
+    """The chunk runner is the Ray task's whole work: run in this process, it writes the job's bytes."""
+    from subjectpairs.pipelines.chunks import ChunkBuilder
+    from subjectpairs.pipelines.shards import load_candidates, plan_chunks
+
+    out, report = first_build
+    config = config_for(tmp_path / "direct", demo_inputs)
+    plan = plan_chunks(load_candidates(config.candidates, config.images), config.shards.samples)[0]
+    record = ChunkBuilder(config).build(plan)
+    assert [shard.name for shard in record.shards] == [report.manifest["shards"][0]["name"]]
+    assert (tmp_path / "direct" / record.shards[0].name).read_bytes() == (out / record.shards[0].name).read_bytes()
+    assert record.pairs + len(record.rejects) == len(plan.candidates)
+
+
 def test_every_candidate_is_a_pair_or_a_recorded_rejection(first_build, demo_inputs):
     out, report = first_build
     manifest = json.loads((out / "manifest.json").read_text())

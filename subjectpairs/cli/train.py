@@ -1,0 +1,110 @@
+"""Training on the shards: ``latents`` (the targets' VAE latents beforehand), ``train`` (Ray Train) and
+``export`` (a checkpoint as a diffusers folder)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from subjectpairs.cli.common import (
+    ConfigFile,
+    console,
+    errors,
+    fail,
+    field_help,
+    input_errors,
+    load_config,
+    parse_settings,
+)
+
+ADDRESS_HELP = "Ray address (default: RAY_ADDRESS, else local Ray)."
+
+
+def _help(key: str, note: str = "") -> str:
+    from subjectpairs.training.config import TrainConfig
+
+    return field_help(TrainConfig, key, note)
+
+
+def _comma_list(values: list[str] | None) -> list[str] | None:
+    """Repeatable options that also take comma-separated lists."""
+    if not values:
+        return None
+    return [part for value in values for part in value.split(",") if part]
+
+
+def train_command(
+    shards: Annotated[Optional[list[str]], typer.Option(
+        help=_help("shards", "comma-separated or repeated"))] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder or URI: checkpoints, metrics.jsonl, config.yaml.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="tiny or blip-diffusion (size of a random model).")] = None,
+    init: Annotated[Optional[str], typer.Option(help=_help("init"))] = None,
+    stable_diffusion: Annotated[Optional[str], typer.Option(help=_help("stable_diffusion"))] = None,
+    qformer: Annotated[Optional[str], typer.Option(help=_help("qformer"))] = None,
+    workers: Annotated[Optional[int], typer.Option(help=_help("workers"))] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(help=_help("gpus_per_worker"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_help("batch_size"))] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Train until this step.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of initialization, data order, noise.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    exclude: Annotated[Optional[str], typer.Option(help=_help("exclude"))] = None,
+    latents: Annotated[Optional[list[str]], typer.Option(
+        help=_help("latents", "one per shard folder, comma-separated or repeated"))] = None,
+    address: Annotated[Optional[str], typer.Option(help=ADDRESS_HELP)] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set lr=1e-5; repeatable.")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Pre-train the subject representation on pair shards with Ray Train (DDP), resumable exactly."""
+    from subjectpairs.training.config import TrainConfig
+    from subjectpairs.training.trainer import run_training
+
+    settings = load_config(TrainConfig, config, {
+        "shards": _comma_list(shards), "out": out, "model": model, "init": init, "workers": workers,
+        "stable_diffusion": stable_diffusion, "qformer": qformer,
+        "gpus_per_worker": gpus_per_worker, "batch_size": batch_size, "max_steps": max_steps, "seed": seed,
+        "resume": resume or None, "exclude": exclude, "latents": _comma_list(latents), "address": address,
+        **parse_settings(set_),
+    })
+    with input_errors():
+        report = run_training(settings)
+    last = report.last or {}
+    console.print(f"trained to step {last.get('step', report.resumed_from)} (from {report.resumed_from}) -> {report.out}; "
+                  f"last loss {last.get('loss', float('nan')):.4f}, {last.get('samples_per_s', 0):.1f} samples/s")
+
+
+def export_command(
+    run: Annotated[str, typer.Argument(help="Run folder or URI of `subjectpairs train`.")],
+    out: Annotated[str, typer.Option(help="Folder for the diffusers BLIP-Diffusion layout.")],
+    step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: the latest).")] = None,
+) -> None:
+    """Export a run's checkpoint as a diffusers BLIP-Diffusion folder (for --init and generate)."""
+    from subjectpairs.training.export import export_run
+
+    with input_errors():
+        checkpoint = export_run(run, out, step)
+    console.print(f"exported {checkpoint} -> {out}")
+
+
+def latents_command(
+    shards: Annotated[list[str], typer.Option(help="Pair shard folders/URIs (comma-separated or repeated).")],
+    out: Annotated[str, typer.Option(help="Folder or URI for the latent shards.")],
+    model: Annotated[str, typer.Option(help="tiny or blip-diffusion: the run's --model.")] = "blip-diffusion",
+    init: Annotated[Optional[str], typer.Option(help="The run's --init (its VAE encodes).")] = None,
+    seed: Annotated[int, typer.Option(help="The run's --seed (random models).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Targets per VAE call.")] = 32,
+    address: Annotated[Optional[str], typer.Option(help=ADDRESS_HELP)] = None,
+) -> None:
+    """Precompute the targets' VAE latents as side-car shards for `train --latents`."""
+    from subjectpairs.training.latents import VaeSource, write_latents
+
+    if model not in ("tiny", "blip-diffusion"):
+        raise fail(f"--model {model}: expected tiny or blip-diffusion")
+    with input_errors():
+        manifest = write_latents(_comma_list(shards), out, VaeSource(model, init, seed), batch_size, address)
+    total = sum(entry["samples"] for entry in manifest["shards"])
+    skipped = [item for entry in manifest["shards"] for item in entry["skipped"]]
+    console.print(f"{total:,} latents in {len(manifest['shards'])} shards -> {out}")
+    if skipped:
+        errors.print(f"{len(skipped)} targets did not decode and have no latent (listed under `skipped` in "
+                     f"manifest.json), e.g. {skipped[0]['key']}: {skipped[0]['reason']}", highlight=False, soft_wrap=True)

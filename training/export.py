@@ -13,8 +13,8 @@ from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, refuse_overlap
 
 from .config import TrainConfig
+from .rank_trainer import TRAINABLE_FILE
 from .trainer import (
-    TRAINABLE_FILE,
     checkpoint_name,
     latest_checkpoint,
     load_run_model,

@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +30,11 @@ from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from subjectpairs.raycluster import start_ray
 
 from .config import TrainConfig
+from .rank_trainer import STATE_FILE
 
 METRICS_FILE = "metrics.jsonl"
 BASE_DIR = "base"  # the starting weights of a run built from random configs
 CHECKPOINT_PREFIX = "step-"
-TRAINABLE_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "trainer_state.json"
 # Written last, once every rank's files are stored: the checkpoint's files and their sizes. A checkpoint
 # is whole when it is there and every file it lists has that size; anything else is a checkpoint the run
 # stopped writing (or that was cut short or deleted in part since), and resuming passes it by.
@@ -148,25 +145,6 @@ def load_run_model(config: TrainConfig, scratch: str):
 
 # -- the per-rank training loop ------------------------------------------------------------------------
 
-def _rng_state(device) -> dict:
-    import torch
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 class MetricsLog:
     """``RUN/metrics.jsonl``, written by rank 0. Appended in place on local disks; for object stores a
     local copy is appended and uploaded at every checkpoint and at the end."""
@@ -203,15 +181,14 @@ def train_loop(config_dict: dict) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from safetensors.torch import load_file, save_file
-
-    from subjectpairs.seeds import stable_seed
 
     from subjectpairs.corpus.layout import read_exclude
     from subjectpairs.corpus.reader import resolve_shards
+    from subjectpairs.seeds import stable_seed
 
     from .data import BatchReader, StreamPosition
     from .latents import check_latents
+    from .rank_trainer import Trainer
 
     config = TrainConfig.model_validate(config_dict)
     context = ray.train.get_context()
@@ -227,10 +204,8 @@ def train_loop(config_dict: dict) -> None:
     if config.compile:  # in place: parameter names (and so checkpoints) stay those of the eager model
         model.unet.compile()
         model.text_encoder.compile()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")
-    step, position = 0, StreamPosition()
+    trainer = Trainer(config, model, device)
+    position = StreamPosition()
     torch.manual_seed(stable_seed(config.seed, "rank", rank))
     random.seed(stable_seed(config.seed, "python", rank))
     np.random.seed(stable_seed(config.seed, "numpy", rank) % 2**32)
@@ -238,17 +213,10 @@ def train_loop(config_dict: dict) -> None:
     # (and printed), after a worker failure the newest one this run finished.
     checkpoint = latest_checkpoint(config.out)
     if checkpoint is not None:
-        folder = _local_folder(checkpoint, scratch)
-        model.load_trainable_state_dict(load_file(os.path.join(folder, TRAINABLE_FILE), device=str(device)))
-        optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location=device,
-                                             weights_only=False))
-        step = json.loads(Path(folder, STATE_FILE).read_text())["step"]
-        rank_state = torch.load(os.path.join(folder, f"rank-{rank:05d}.pt"), weights_only=False)
-        _set_rng_state(rank_state["rng"], device)
-        position = StreamPosition.from_dict(rank_state["position"])
-    network = ray.train.torch.prepare_model(model, move_to_device=False,
-                                            parallel_strategy_kwargs={"broadcast_buffers": False})
-    network.train()
+        position = StreamPosition.from_dict(trainer.restore(_local_folder(checkpoint, scratch), rank=rank))
+    trainer.network = ray.train.torch.prepare_model(model, move_to_device=False,
+                                                    parallel_strategy_kwargs={"broadcast_buffers": False})
+    trainer.network.train()
 
     reader = BatchReader(
         resolve_shards(config.shards), rank=rank, world_size=world, num_workers=config.loader_workers,
@@ -257,10 +225,8 @@ def train_loop(config_dict: dict) -> None:
         latents=resolve_shards(config.latents) if config.latents else None,
         shuffle_buffer=config.shuffle_buffer, position=position,
     )
-    bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    metrics = MetricsLog(config.out, keep_through_step=step) if rank == 0 else None
-    keys_log = _keys_log(config, rank, step) if config.record_keys else None
+    metrics = MetricsLog(config.out, keep_through_step=trainer.step) if rank == 0 else None
+    keys_log = _keys_log(config, rank, trainer.step) if config.record_keys else None
     progress = _progress_actor() if rank == 0 else None
 
     def all_ranks(value: float, op) -> float:
@@ -271,15 +237,11 @@ def train_loop(config_dict: dict) -> None:
 
     def save_checkpoint(record: dict) -> None:
         folder = tempfile.mkdtemp(prefix="checkpoint-", dir=scratch)
+        step = trainer.step
+        trainer.save(folder, rank=rank, position=reader.position.to_dict(), epoch=reader.position.epoch,
+                     run_hash=config.run_hash())
         if rank == 0:
-            save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()},
-                      os.path.join(folder, TRAINABLE_FILE))
-            torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
-            Path(folder, STATE_FILE).write_text(json.dumps({"step": step, "epoch": reader.position.epoch,
-                                                            "run_hash": config.run_hash()}))
             metrics.sync()
-        torch.save({"rng": _rng_state(device), "position": reader.position.to_dict()},
-                   os.path.join(folder, f"rank-{rank:05d}.pt"))
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=checkpoint_name(step))
         shutil.rmtree(folder, ignore_errors=True)
@@ -297,7 +259,7 @@ def train_loop(config_dict: dict) -> None:
     # A checkpoint taken at an epoch's end resumes with that epoch's steps done, as the run went on.
     epoch_steps = position.batches
     bad_shard_reports, corrupt_shards = 0.0, []
-    while step < config.max_steps:
+    while trainer.step < config.max_steps:
         started = time.perf_counter()
         batch = reader.next_batch()
         waited = time.perf_counter() - started
@@ -310,22 +272,13 @@ def train_loop(config_dict: dict) -> None:
             reader.start_next_epoch()
             epoch_steps = 0
             continue
-        with autocast():
-            loss = network(
-                batch["pixel_values"].to(device, non_blocking=True), batch["captions"], batch["categories"],
-                target=batch["target"].to(device, non_blocking=True) if "target" in batch else None,
-                latents=batch["latents"].to(device, non_blocking=True) if "latents" in batch else None,
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        step += 1
+        loss = trainer.train_step(batch)
+        step = trainer.step
         epoch_steps += 1
         if keys_log is not None:
             keys_log.write("".join(f"{step}\t{key}\n" for key in batch["keys"]))
             keys_log.flush()
-        mean_loss = all_ranks(float(loss.detach()), dist.ReduceOp.SUM) / world
+        mean_loss = all_ranks(float(loss), dist.ReduceOp.SUM) / world
         corrupt = all_ranks(float(reader.position.corrupt), dist.ReduceOp.SUM)
         reports = all_ranks(float(len(reader.position.bad_shards)), dist.ReduceOp.SUM)
         if reports != bad_shard_reports:  # the names are gathered only when a rank met another broken shard
@@ -333,7 +286,7 @@ def train_loop(config_dict: dict) -> None:
         seconds = time.perf_counter() - started
         # the lr goes with the total batch (DDP averages the workers' gradients): 2e-6 with 16 in the paper
         total_batch = config.batch_size * world
-        record = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+        record = {"step": step, "loss": mean_loss, "lr": trainer.lr,
                   "total_batch": total_batch, "samples_per_s": total_batch / seconds, "data_wait": waited / seconds,
                   "epoch": reader.position.epoch, "corrupt_samples": int(corrupt), "corrupt_shards": corrupt_shards}
         if rank == 0:

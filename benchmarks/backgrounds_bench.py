@@ -31,7 +31,8 @@ def child(kind: str, bbox: str, out: str) -> None:
         result = run_filter(FilterConfig(bbox=bbox, classes=str(classes_file()), out=f"{out}/candidates"))
         kept = len(result.candidates)
     else:
-        from subjectpairs.curation.backgrounds import BackgroundConfig, build_pool
+        from subjectpairs.curation.config import BackgroundConfig
+        from subjectpairs.curation.backgrounds import build_pool
 
         result = build_pool(BackgroundConfig(bbox=bbox, classes=str(classes_file()), image_root="s3://images",
                                              exclude_candidates=f"{out}/candidates/candidates.parquet",

@@ -31,18 +31,16 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from subjectpairs import storage
 from subjectpairs.configfile import CONFIG_FILE, config_yaml
-from subjectpairs.curation.config import HUMAN_CLASSES
+from subjectpairs.curation.config import HUMAN_CLASSES, BackgroundConfig
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, refuse_overlap
 from subjectpairs.seeds import stable_seed
@@ -52,49 +50,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 POOL_FILE = "backgrounds.parquet"
 FUNNEL_FILE = "funnel.json"
-SCENE_CLASSES = (
-    "Building", "Skyscraper", "House", "Tower", "Office building", "Castle", "Lighthouse", "Swimming pool",
-    "Fountain", "Tree house", "Porch", "Stairs", "Fireplace", "Countertop", "Bookcase", "Cabinetry", "Window",
-    "Door", "Street light", "Tree", "Palm tree",
-)
 POOL_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("source", pa.string()),
                          ("width", pa.int32()), ("height", pa.int32()), ("scene", pa.string()),
                          ("reasons", pa.string())])
 
 
-class BackgroundConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    out: str
-    bbox: str | None = Field(None, description="OpenImages box CSV (with classes)")
-    classes: str | None = None
-    images: str | None = Field(None, description="OpenImages image list CSV: ImageID -> OriginalURL")
-    image_root: str | None = Field(None, description="or a folder/URI prefix holding <ImageID>.jpg")
-    folder: str | None = Field(None, description="a folder or URI prefix of the user's own images")
-    count: int = Field(59000, ge=1)
-    min_side: int = Field(512, ge=1)
-    max_boxes: int = Field(6, ge=1)
-    max_object_area: float = Field(0.15, gt=0, le=1)
-    scene_classes: list[str] = Field(default_factory=lambda: list(SCENE_CLASSES))
-    exclude_candidates: str | None = Field(None, description="candidates.parquet of the subject filter")
-    near_duplicate_bits: int | None = Field(None, ge=0, le=64, description="folder mode: dHash distance")
-    seed: int = 0
-
-    PATH_KEYS: ClassVar[dict[str, str]] = {  # the settings that name files or folders, by their flag
-        "out": "--out", "bbox": "--bbox", "classes": "--classes", "images": "--images", "image_root": "--image-root",
-        "folder": "--from-folder", "exclude_candidates": "--exclude-candidates"}
-
-    def with_absolute_paths(self) -> "BackgroundConfig":
-        """Local paths made absolute: the pool's ``uri`` column is read by builds run from anywhere."""
-        return self.model_copy(update={key: storage.absolute(getattr(self, key)) for key in self.PATH_KEYS
-                                       if getattr(self, key) is not None})
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "BackgroundConfig":
-        if bool(self.bbox) == bool(self.folder):
-            raise ValueError("give one source: --from-openimages (with --bbox and --classes) or --from-folder")
-        if self.bbox and not self.classes:
-            raise ValueError("--bbox needs --classes")
-        return self
 
 
 @dataclass

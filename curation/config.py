@@ -1,11 +1,13 @@
-"""Typed, validated configuration of the subject filter, written next to every output."""
+"""Typed, validated configurations of the subject filter and of background pools, written next to every
+output. Kept free of heavy imports: the command line reads their field descriptions at start-up."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from subjectpairs import storage
 from subjectpairs.storage import absolute, join
 
 # BLIP-Diffusion appendix A.5, rule (v) and rule (vi), as display names of the class file.
@@ -89,3 +91,46 @@ class FilterConfig(BaseModel):
 
     def image_dir(self) -> str | None:
         return join(self.split_dir(), "data") if self.zoo_dir is not None else None
+
+
+# Scenes a background pool is drawn from: places without a single salient subject.
+SCENE_CLASSES = (
+    "Building", "Skyscraper", "House", "Tower", "Office building", "Castle", "Lighthouse", "Swimming pool",
+    "Fountain", "Tree house", "Porch", "Stairs", "Fireplace", "Countertop", "Bookcase", "Cabinetry", "Window",
+    "Door", "Street light", "Tree", "Palm tree",
+)
+
+
+class BackgroundConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    out: str
+    bbox: str | None = Field(None, description="OpenImages box CSV (with classes)")
+    classes: str | None = None
+    images: str | None = Field(None, description="OpenImages image list CSV: ImageID -> OriginalURL")
+    image_root: str | None = Field(None, description="or a folder/URI prefix holding <ImageID>.jpg")
+    folder: str | None = Field(None, description="a folder or URI prefix of the user's own images")
+    count: int = Field(59000, ge=1)
+    min_side: int = Field(512, ge=1)
+    max_boxes: int = Field(6, ge=1)
+    max_object_area: float = Field(0.15, gt=0, le=1)
+    scene_classes: list[str] = Field(default_factory=lambda: list(SCENE_CLASSES))
+    exclude_candidates: str | None = Field(None, description="candidates.parquet of the subject filter")
+    near_duplicate_bits: int | None = Field(None, ge=0, le=64, description="folder mode: dHash distance")
+    seed: int = 0
+
+    PATH_KEYS: ClassVar[dict[str, str]] = {  # the settings that name files or folders, by their flag
+        "out": "--out", "bbox": "--bbox", "classes": "--classes", "images": "--images", "image_root": "--image-root",
+        "folder": "--from-folder", "exclude_candidates": "--exclude-candidates"}
+
+    def with_absolute_paths(self) -> "BackgroundConfig":
+        """Local paths made absolute: the pool's ``uri`` column is read by builds run from anywhere."""
+        return self.model_copy(update={key: storage.absolute(getattr(self, key)) for key in self.PATH_KEYS
+                                       if getattr(self, key) is not None})
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BackgroundConfig":
+        if bool(self.bbox) == bool(self.folder):
+            raise ValueError("give one source: --from-openimages (with --bbox and --classes) or --from-folder")
+        if self.bbox and not self.classes:
+            raise ValueError("--bbox needs --classes")
+        return self

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from subjectpairs.corpus.reader import read_shard
-from subjectpairs.curation.backgrounds import BackgroundConfig, build_pool
+from subjectpairs.curation.config import BackgroundConfig
+from subjectpairs.curation.backgrounds import build_pool
 from subjectpairs.curation.candidates import FilterReport, run_filter
 from subjectpairs.curation.classes import bundled_class_list
 from subjectpairs.curation.config import FilterConfig

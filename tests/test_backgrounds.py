@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from conftest import box_row, write_boxes
 from subjectpairs.cli import app
-from subjectpairs.curation.backgrounds import POOL_FILE, BackgroundConfig, build_pool, read_pool
+from subjectpairs.curation.config import BackgroundConfig
+from subjectpairs.curation.backgrounds import POOL_FILE, build_pool, read_pool
 from subjectpairs.errors import InputError
 from subjectpairs.pipelines.composite import BackgroundPool
 

@@ -453,7 +453,7 @@ def test_clipseg_actor_serves_the_tasks_with_the_same_result(ray_local, demo_inp
 
 def test_auto_without_clipseg_warns_at_start_up_and_records_the_fallback(ray_local, demo_inputs, hub_cache, tmp_path,
                                                                           capsys):
-    from subjectpairs.cli import build_summary
+    from subjectpairs.cli.build import build_summary
     from subjectpairs.pipelines.segmenters import NO_CLIPSEG
 
     out = tmp_path / "auto"

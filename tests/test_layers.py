@@ -106,3 +106,17 @@ def test_only_storage_imports_fsspec():
     importers = {module for module, path in source_modules().items()
                  for _, target in imported_modules(module, path) if target.split(".")[0] == "fsspec"}
     assert importers == {"subjectpairs.storage"}
+
+
+def test_every_package_is_in_the_installed_list():
+    """pyproject.toml lists packages by hand: a folder missing there works in an editable install and is
+    absent from a wheel."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    found = set()
+    for package, folder in tool["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            found.add(".".join((package, *init.parent.relative_to(ROOT / folder).parts)))
+    assert found - listed == set()

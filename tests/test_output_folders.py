@@ -238,7 +238,8 @@ def test_a_background_pool_works_from_any_directory_and_never_lands_in_its_photo
     import pandas as pd
     from PIL import Image
 
-    from subjectpairs.curation.backgrounds import BackgroundConfig, build_pool
+    from subjectpairs.curation.config import BackgroundConfig
+    from subjectpairs.curation.backgrounds import build_pool
     from subjectpairs.pipelines.composite import BackgroundPool
 
     made_in = tmp_path / "made-here"

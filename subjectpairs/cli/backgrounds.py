@@ -18,7 +18,7 @@ from subjectpairs.cli.common import (
 
 
 def _help(key: str, note: str = "") -> str:
-    from subjectpairs.curation.backgrounds import BackgroundConfig
+    from subjectpairs.curation.config import BackgroundConfig
 
     return field_help(BackgroundConfig, key, note)
 
@@ -39,7 +39,8 @@ def backgrounds_command(
     config: ConfigFile = None,
 ) -> None:
     """Make a background pool (`build --backgrounds POOL`): scene-like OpenImages photos or your own."""
-    from subjectpairs.curation.backgrounds import BackgroundConfig, build_pool
+    from subjectpairs.curation.config import BackgroundConfig
+    from subjectpairs.curation.backgrounds import build_pool
 
     if from_openimages and not bbox:
         raise fail("--from-openimages needs --bbox and --classes")

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +68,7 @@ def make_shards(out: Path) -> None:
                 meta = {"key": key, "category": category, "box": [box.xmin, box.xmax, box.ymin, box.ymax],
                         "size": [SHORT_SIDE, SHORT_SIDE], "captions": [f"a photo of a {category.lower()}"]}
                 writer.write(key, {**members, "json": json.dumps(meta).encode()})
-            shards.extend(asdict(shard) for shard in writer.publish())
+            shards.extend(shard.model_dump() for shard in writer.publish())
         finally:
             writer.close()
     manifest = {"pairs": sum(s["samples"] for s in shards), "shards": shards}

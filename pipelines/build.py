@@ -15,13 +15,14 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pandas as pd
 
 from subjectpairs import __version__, storage
 from subjectpairs.corpus.layout import MANIFEST_FILE, REJECTS_FILE, STATS_FILE
+from subjectpairs.corpus.manifest import Manifest
 from subjectpairs.guards import OutputLock
 from subjectpairs.pipelines.build_plan import (
     BuildPlan,
@@ -74,7 +75,7 @@ def build_chunk(config_json: str, segmenter: SegmenterChoice, plan: ChunkPlan, c
 @dataclass
 class BuildReport:
     out_dir: str
-    manifest: dict
+    manifest: dict  # manifest.json as written
     stats: dict
     rejects: pd.DataFrame
 
@@ -164,18 +165,12 @@ def _finish(config: BuildConfig, segmenter: SegmenterChoice, plans: list[ChunkPl
     kept out of the chunks, ``retried`` the candidates an earlier run rejected for a retryable reason and
     this one tried again."""
     ordered = [records[plan.index] for plan in plans]
-    shards = [asdict(shard) for record in ordered for shard in record.shards]
+    shards = [shard for record in ordered for shard in record.shards]
     rejects = sorted([*(r for record in ordered for r in record.rejects), *(excluded or [])], key=lambda r: r.key)
     pairs = sum(record.pairs for record in ordered)
-    manifest = {
-        "version": __version__,
-        "pipeline_version": PIPELINE_VERSION,
-        "config_hash": config.config_hash(),
-        "candidates": sum(len(plan.candidates) for plan in plans),
-        "pairs": pairs,
-        "rejects": len(rejects),
-        "shards": shards,
-    }
+    manifest = Manifest(version=__version__, pipeline_version=PIPELINE_VERSION, config_hash=config.config_hash(),
+                        candidates=sum(len(plan.candidates) for plan in plans), pairs=pairs, rejects=len(rejects),
+                        shards=shards)
     seconds: Counter[str] = Counter()
     for record in ordered:
         seconds.update(record.seconds)
@@ -193,8 +188,8 @@ def _finish(config: BuildConfig, segmenter: SegmenterChoice, plans: list[ChunkPl
     }
     reject_table, reject_bytes = rejects_parquet(rejects)
     with storage.StagedOutputs(config.out) as staged:
-        staged.put(MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+        staged.put(MANIFEST_FILE, manifest.to_bytes())
         staged.put(REJECTS_FILE, reject_bytes)
         staged.put(STATS_FILE, (json.dumps(stats, indent=2) + "\n").encode())
         staged.commit()
-    return BuildReport(config.out, manifest, stats, reject_table)
+    return BuildReport(config.out, manifest.model_dump(mode="json"), stats, reject_table)

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from subjectpairs.corpus.writer import ChunkWriter, ShardFile
+from subjectpairs.corpus.manifest import ShardEntry
+from subjectpairs.corpus.writer import ChunkWriter
 from subjectpairs.pipelines.captions import Blip2Captioner, Captions, template_caption
 from subjectpairs.pipelines.config import BuildConfig
 from subjectpairs.pipelines.fetch import PhotoFetcher
@@ -33,20 +34,21 @@ FETCH_THREADS = 8
 class ChunkRecord:
     chunk: int
     plan_sha256: str  # the chunk's keys: a record only counts for the same plan
-    shards: list[ShardFile]
+    shards: list[ShardEntry]
     pairs: int
     rejects: list[Rejection]
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        record = {**asdict(self), "shards": [shard.model_dump() for shard in self.shards]}
+        return json.dumps(record, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ChunkRecord":
         data = json.loads(text)
         return cls(
             chunk=data["chunk"], plan_sha256=data["plan_sha256"],
-            shards=[ShardFile(**s) for s in data["shards"]], pairs=data["pairs"],
+            shards=[ShardEntry.model_validate(s) for s in data["shards"]], pairs=data["pairs"],
             rejects=[Rejection(**r) for r in data["rejects"]], seconds=data.get("seconds", {}),
         )
 

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -25,7 +25,8 @@ from subjectpairs import storage
 from subjectpairs.configfile import CONFIG_FILE
 from subjectpairs.corpus.layout import MANIFEST_FILE, REJECTS_FILE, STATS_FILE, is_shard_name, read_exclude
 from subjectpairs.corpus.reader import iter_shard
-from subjectpairs.corpus.writer import ShardFile, file_sha256, publish_file, shard_tar_writer
+from subjectpairs.corpus.manifest import Manifest, ShardEntry
+from subjectpairs.corpus.writer import file_sha256, publish_file, shard_tar_writer
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from subjectpairs.pipelines.rejections import Rejection
@@ -50,21 +51,11 @@ class CompactReport:
 
 
 def _read_manifest(source: str) -> dict[str, Any]:
-    uri = storage.join(source, MANIFEST_FILE)
-    try:
-        manifest = json.loads(storage.read_bytes(uri))
-        names = [entry["name"] for entry in manifest["shards"]]
-    except InputError as exc:
-        raise InputError(f"{source}: no readable {MANIFEST_FILE} ({exc})") from exc
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{uri}: not a shard manifest ({type(exc).__name__}: {exc})") from exc
-    for name in names:
-        if not isinstance(name, str) or not name.endswith(".tar") or "/" in name or name.startswith("."):
-            raise InputError(f"{uri}: {name!r} is not a shard file name")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise InputError(f"{uri}: shards listed more than once: {', '.join(repeated[:5])}")
-    return manifest
+    """The source's manifest, checked (shard file names, each listed once), as the fields it has."""
+    manifest = Manifest.read(source)
+    if manifest is None:
+        raise InputError(f"{source}: no {MANIFEST_FILE}: not a build's or a compaction's output folder")
+    return manifest.model_dump(mode="json", exclude_unset=True)
 
 
 def _read_rejects(source: str) -> list[Rejection]:
@@ -199,10 +190,11 @@ def _compact_locked(source: str, exclude: str, out: str, excluded: frozenset[str
             if not kept:
                 dropped.append(name)
                 continue
-            shard = ShardFile(name, len(kept), os.path.getsize(local), file_sha256(local), kept[0], kept[-1])
+            shard = ShardEntry(name=name, samples=len(kept), bytes=os.path.getsize(local), sha256=file_sha256(local),
+                               first_key=kept[0], last_key=kept[-1])
             publish_file(local, storage.join(out, name))
             os.remove(local)
-            entries.append(asdict(shard))
+            entries.append(shard.model_dump())
 
     pairs_before = len(where)
     if "pairs" in manifest and manifest["pairs"] != pairs_before:
@@ -222,7 +214,7 @@ def _compact_locked(source: str, exclude: str, out: str, excluded: frozenset[str
             if storage.exists(storage.join(source, name)):
                 staged.put(name, storage.read_bytes(storage.join(source, name)))
         staged.put(REJECTS_FILE, reject_bytes)
-        staged.put(MANIFEST_FILE, (json.dumps(compacted, indent=2) + "\n").encode())
+        staged.put(MANIFEST_FILE, Manifest.model_validate(compacted).to_bytes())
     storage.remove(storage.join(out, RECORD_FILE))  # the manifest now says what out holds
     return CompactReport(
         out_dir=out, manifest=compacted, removed=sorted(removed),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from subjectpairs.corpus.writer import ShardFile
+from subjectpairs.corpus.manifest import ShardEntry
 from subjectpairs.errors import InputError
 from subjectpairs.guards import LOCK_FILE, OutputLock
 from subjectpairs.pipelines.build_plan import prepare_output
@@ -43,7 +43,8 @@ def write_build(out: Path, config: BuildConfig, listed: list[str], recorded: lis
     for name in ("stats.json", "rejects.parquet"):
         (out / name).write_text("{}")
     (out / ".progress").mkdir()
-    record = ChunkRecord(1, "x", [ShardFile(name, 1, 1, "s", "a", "a") for name in recorded], 1, [])
+    shards = [ShardEntry(name=name, samples=1, bytes=1, sha256="s", first_key="a", last_key="a") for name in recorded]
+    record = ChunkRecord(1, "x", shards, 1, [])
     (out / ".progress" / "chunk-000001.json").write_text(record.to_json())
     for name in listed + recorded:
         (out / name).write_bytes(b"shard")

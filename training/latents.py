@@ -8,7 +8,6 @@ folder a ``manifest.json`` that records which VAE made them, so a run with anoth
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from subjectpairs import storage
 from subjectpairs.corpus.layout import LATENT_MEMBER, MANIFEST_FILE, TARGET_MEMBER
+from subjectpairs.corpus.manifest import LatentManifest
 from subjectpairs.corpus.reader import ShardInfo, iter_shard, resolve_shards
 from subjectpairs.corpus.writer import publish_file, shard_tar_writer, write_latent_member
 from subjectpairs.errors import InputError
@@ -147,7 +147,7 @@ def _write_latents_locked(shards: list[str], out: str, source: VaeSource, batch_
     manifest = {"kind": LATENT_MEMBER, "vae": {"kind": source.kind, "init": source.init, "seed": source.seed,
                                                "sha256": vae_fingerprint(vae)},
                 "target_size": vae.config.sample_size, "shards": entries}
-    storage.publish_bytes(storage.join(out, MANIFEST_FILE), (json.dumps(manifest, indent=2) + "\n").encode())
+    storage.publish_bytes(storage.join(out, MANIFEST_FILE), LatentManifest.model_validate(manifest).to_bytes())
     return manifest
 
 
@@ -155,14 +155,15 @@ def check_latents(latents: list[str], vae, target_size: int) -> None:
     """Refuse latent folders made by another VAE than the run's, or for another target size."""
     expected = vae_fingerprint(vae)
     for folder in latents:
-        uri = storage.join(folder, MANIFEST_FILE)
-        if not storage.exists(uri):
+        try:
+            manifest = LatentManifest.read(folder)
+        except InputError as exc:
+            raise InputError(f"{exc}; make latents with `subjectpairs latents`") from exc
+        if manifest is None:
             raise InputError(f"{folder}: no {MANIFEST_FILE}; make latents with `subjectpairs latents`")
-        manifest = json.loads(storage.read_bytes(uri))
-        if manifest.get("target_size") != target_size:
-            raise InputError(f"{folder}: latents of {manifest.get('target_size')} px targets, the model trains on "
+        if manifest.target_size != target_size:
+            raise InputError(f"{folder}: latents of {manifest.target_size} px targets, the model trains on "
                              f"{target_size} px")
-        made_by = manifest.get("vae", {}).get("sha256")
-        if made_by != expected:
+        if manifest.vae.get("sha256") != expected:
             raise InputError(f"{folder}: latents made by another VAE than this run's (rerun `subjectpairs latents` "
                              "with the run's --model/--init/--seed)")

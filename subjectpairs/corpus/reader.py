@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import posixpath
 import tarfile
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from typing import Any
 from subjectpairs import storage
 
 from .layout import MANIFEST_FILE
+from .manifest import Manifest, ShardEntry
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,10 @@ def _parent(uri: str) -> str:
     return posixpath.dirname(uri) if storage.is_remote(uri) else str(storage.local_path(uri).parent)
 
 
-def _read_manifest(folder: str) -> dict[str, dict[str, Any]] | None:
+def _read_manifest(folder: str) -> dict[str, ShardEntry] | None:
     """The manifest's shard entries by file name, in its order; None when the folder has no manifest."""
-    uri = storage.join(folder, MANIFEST_FILE)
-    if not storage.exists(uri):
-        return None
-    try:
-        return {entry["name"]: entry for entry in json.loads(storage.read_bytes(uri))["shards"]}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{uri}: not a shard manifest ({exc})") from exc
+    manifest = Manifest.read(folder)
+    return None if manifest is None else {entry.name: entry for entry in manifest.shards}
 
 
 def _tars_in(folder: str) -> list[str]:
@@ -79,10 +74,10 @@ def _tars_in(folder: str) -> list[str]:
     return [storage.join(folder, name) for name in storage.list_folder(folder) if name.endswith(".tar")]
 
 
-def _shard_info(uri: str, entry: dict[str, Any] | None) -> ShardInfo:
+def _shard_info(uri: str, entry: ShardEntry | None) -> ShardInfo:
     if entry is None:
         return ShardInfo(uri, None, None, None)
-    return ShardInfo(uri, int(entry["samples"]), entry.get("first_key"), entry.get("last_key"))
+    return ShardInfo(uri, entry.samples, entry.first_key, entry.last_key)
 
 
 class HashingStream:

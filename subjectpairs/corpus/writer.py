@@ -10,7 +10,6 @@ import io
 import os
 import tarfile
 import tempfile
-from dataclasses import dataclass
 
 import numpy as np
 import webdataset as wds
@@ -19,6 +18,7 @@ from subjectpairs import storage
 from subjectpairs.identifiers import check_sample_key
 
 from .layout import LATENT_CHANNELS, LATENT_MEMBER, shard_name
+from .manifest import ShardEntry
 
 TAR_MTIME = 0  # 1970-01-01: members carry no build time
 
@@ -29,16 +29,6 @@ def shard_tar_writer(path: str) -> wds.TarWriter:
     return wds.TarWriter(
         path, user="", group="", mode=0o444, encoder=False, mtime=TAR_MTIME, format=tarfile.USTAR_FORMAT
     )
-
-
-@dataclass
-class ShardFile:
-    name: str
-    samples: int
-    bytes: int
-    sha256: str
-    first_key: str
-    last_key: str
 
 
 class ChunkWriter:
@@ -76,7 +66,7 @@ class ChunkWriter:
         keys.append(key)
         self._parts[-1] = (path, keys, total + size)
 
-    def publish(self) -> list[ShardFile]:
+    def publish(self) -> list[ShardEntry]:
         """Close the tars, hash them and move them to the output (rename locally, one put remotely).
 
         A chunk with no pairs publishes nothing."""
@@ -89,7 +79,8 @@ class ChunkWriter:
             digest = file_sha256(path)
             size = os.path.getsize(path)
             publish_file(path, storage.join(self.out_dir, name))
-            published.append(ShardFile(name, len(keys), size, digest, keys[0], keys[-1]))
+            published.append(ShardEntry(name=name, samples=len(keys), bytes=size, sha256=digest,
+                                        first_key=keys[0], last_key=keys[-1]))
         return published
 
     def close(self) -> None:

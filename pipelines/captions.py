@@ -16,6 +16,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from subjectpairs import storage
+from subjectpairs.devices import resolve_device
 from subjectpairs.errors import InputError
 from subjectpairs.seeds import keyed_digest
 
@@ -153,8 +154,7 @@ class Blip2Captioner:
         import torch
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model, processor = _load_frozen(Blip2ForConditionalGeneration, Blip2Processor, source, dtype=dtype,
                                         device=device, what="BLIP-2")

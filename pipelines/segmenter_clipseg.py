@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from subjectpairs.devices import resolve_device
 from subjectpairs.errors import InputError
 from subjectpairs.pipelines.boxes import Box
 from subjectpairs.pipelines.segmentation import shrink_for_model, upsample_maps
@@ -43,11 +44,9 @@ class ClipSegSegmenter:
     def from_pretrained(
         cls, source: str, *, device: str = "auto", batch_size: int = 32, local_files_only: bool = False
     ) -> "ClipSegSegmenter":
-        import torch
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         try:
             processor = CLIPSegProcessor.from_pretrained(source, local_files_only=local_files_only)
             model = CLIPSegForImageSegmentation.from_pretrained(source, local_files_only=local_files_only)

@@ -120,3 +120,20 @@ def test_every_package_is_in_the_installed_list():
         for init in (ROOT / folder).rglob("__init__.py"):
             found.add(".".join((package, *init.parent.relative_to(ROOT / folder).parts)))
     assert found - listed == set()
+
+
+def test_one_place_decides_whether_a_model_runs_on_the_gpu():
+    deciders = sorted(module for module, path in source_modules().items() if "cuda.is_available(" in path.read_text())
+    assert deciders == ["subjectpairs.devices"]
+
+
+def test_auto_device_is_the_gpu_only_when_torch_sees_one(monkeypatch):
+    import torch
+
+    from subjectpairs.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device() == resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"

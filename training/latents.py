@@ -19,6 +19,7 @@ from subjectpairs.corpus.layout import LATENT_MEMBER, MANIFEST_FILE, TARGET_MEMB
 from subjectpairs.corpus.manifest import LatentManifest
 from subjectpairs.corpus.reader import ShardInfo, iter_shard, resolve_shards
 from subjectpairs.corpus.writer import publish_file, shard_tar_writer, write_latent_member
+from subjectpairs.devices import resolve_device
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, refuse_overlap
 from subjectpairs.identifiers import check_sample_key
@@ -128,9 +129,7 @@ def _write_latents_locked(shards: list[str], out: str, source: VaeSource, batch_
 
     @ray.remote(num_gpus=gpus, max_retries=2)
     def encode(shard: ShardInfo) -> dict:
-        import torch
-
-        vae = source.load().to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        vae = source.load().to(resolve_device()).eval()
         size = vae.config.sample_size
         return encode_shard(shard, out, vae, size, batch_size)
 

@@ -50,6 +50,7 @@ def generate_command(
     import torch
     from PIL import Image, UnidentifiedImageError
 
+    from subjectpairs.devices import resolve_device
     from subjectpairs.training.pipeline_blip_diffusion import BlipDiffusionPipeline, build_prompt
     from subjectpairs.training.schedulers import scheduler_class_name
 
@@ -73,8 +74,7 @@ def generate_command(
                                                              qformer_tokenizer=qformer_tokenizer, progress=True)
     except OSError as exc:
         raise fail(f"{model}: cannot load the model ({exc})") from exc
-    if torch.cuda.is_available():
-        pipeline = pipeline.to("cuda")
+    pipeline = pipeline.to(resolve_device())
     with input_errors():
         images = pipeline([prompt] * num_images, subject, category, target_category, guidance_scale=guidance,
                           height=height, width=width, num_inference_steps=steps,

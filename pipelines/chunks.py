@@ -17,11 +17,11 @@ from typing import Any, Callable
 
 from subjectpairs.corpus.manifest import ShardEntry
 from subjectpairs.corpus.writer import ChunkWriter
-from subjectpairs.pipelines.captions import Blip2Captioner, Captions, template_caption
+from subjectpairs.pipelines.caption_sources import ModelCaptions, caption_pairs, caption_sources
 from subjectpairs.pipelines.config import BuildConfig
 from subjectpairs.pipelines.fetch import PhotoFetcher
 from subjectpairs.pipelines.pairs import Pair, PairBuilder, PairRequest
-from subjectpairs.pipelines.rejections import PairRejected, Rejection, isolate_failures
+from subjectpairs.pipelines.rejections import PairRejected, Rejection
 from subjectpairs.pipelines.segmenters import SegmenterChoice
 from subjectpairs.pipelines.shards import Candidate, ChunkPlan
 
@@ -68,14 +68,6 @@ def sample_json(pair: Pair, candidate: Candidate, captions: list[str], caption_s
     return json.dumps(meta, sort_keys=True).encode()
 
 
-def load_captioner(config: BuildConfig) -> Blip2Captioner:
-    settings = config.captioner
-    assert settings.model is not None
-    return Blip2Captioner.from_pretrained(
-        settings.model, ranker=settings.ranker, device=settings.device, keep=settings.keep,
-        label_match=settings.label_match, samples=settings.samples, top_p=settings.top_p,
-        min_length=settings.min_length, max_new_tokens=settings.max_new_tokens, seed=config.pair.seed,
-    )
 
 
 class ChunkBuilder:
@@ -89,42 +81,26 @@ class ChunkBuilder:
         self.config_hash = config.config_hash()
         self.pairs = PairBuilder(config.pair, choice=segmenter)
         self.fetcher = PhotoFetcher(config.fetch)
-        self.captions = Captions.from_jsonl(config.captions) if config.captions else Captions()
-        self._captioner: Any = None
+        self.caption_sources = caption_sources(config)
 
     @property
     def captioner(self) -> Any:
-        """The captioning stage: an actor's proxy when one was given, else BLIP-2 loaded here on first use."""
-        if self._captioner is None and self.config.captioner.model is not None:
-            self._captioner = load_captioner(self.config)
-        return self._captioner
+        """The captioning model: an actor's proxy when a task was given one, else BLIP-2 loaded here on
+        first use (None without one)."""
+        return self._model_captions.model()
 
     @captioner.setter
     def captioner(self, captioner: Any) -> None:
-        self._captioner = captioner
+        self._model_captions.captioner = captioner
+
+    @property
+    def _model_captions(self) -> ModelCaptions:
+        return next(source for source in self.caption_sources if isinstance(source, ModelCaptions))
 
     def _captions(self, done: list[tuple[Candidate, Pair]]) -> list[tuple[list[str], str] | Rejection]:
-        """Per pair: the captions file's, else the captioner's (one batch), else the template; a pair the
-        captioner fails on alone is rejected, the others keep their captions."""
-        from_file = [self.captions.from_file(c.image_id, c.category) for c, _ in done]
-        found: list[tuple[list[str], str] | Rejection] = [(captions, "captions.jsonl") for captions in from_file]
-        missing = [i for i, captions in enumerate(from_file) if not captions]
-        if self.captioner is not None and missing:
-            captioner = self.captioner
-
-            def caption(indices: list[int]) -> list[list[str]]:
-                return captioner.caption(
-                    [done[i][1].target for i in indices], [done[i][0].category for i in indices],
-                    [done[i][0].key for i in indices],
-                )
-
-            generated = isolate_failures(caption, missing, [done[i][0].key for i in missing], "caption")
-            for index, captions in zip(missing, generated):
-                found[index] = captions if isinstance(captions, Rejection) else (captions, captioner.name)
-        return [
-            item if isinstance(item, Rejection) or item[0] else (template_caption(candidate.category), "template")
-            for item, (candidate, _) in zip(found, done)
-        ]
+        """Per pair, its captions and their source (see :mod:`~subjectpairs.pipelines.caption_sources`), or
+        its rejection."""
+        return caption_pairs(self.caption_sources, done)
 
     def _fetch_batch(self, batch: tuple[Candidate, ...]) -> list[PairRequest | Rejection]:
         def fetch(candidate: Candidate) -> PairRequest | Rejection:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from subjectpairs.errors import InputError
-from subjectpairs.pipelines.chunks import load_captioner
+from subjectpairs.pipelines.caption_sources import load_captioner
 from subjectpairs.pipelines.config import BuildConfig
 from subjectpairs.pipelines.segmentation import shrink_for_model, upsample_maps
 from subjectpairs.pipelines.segmenters import SEGMENTERS, SegmenterChoice, build_segmenter

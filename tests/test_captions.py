@@ -108,7 +108,7 @@ def test_blip2_captioner_ranks_with_clip_filters_by_label_and_is_deterministic(t
 
 
 def test_blip2_captioner_samples_with_the_configured_settings(tiny_blip2, monkeypatch):
-    from subjectpairs.pipelines.chunks import load_captioner
+    from subjectpairs.pipelines.caption_sources import load_captioner
     from subjectpairs.pipelines.config import BuildConfig
 
     config = BuildConfig.model_validate({
@@ -180,3 +180,35 @@ def test_a_captioner_failing_on_one_photo_rejects_only_that_pair(tmp_path):
     fine, odd = builder._captions(done)
     assert fine == (["a photo of a cat"], "blip2:stub")
     assert odd == Rejection("odd", "caption", "unexpected_error", "ValueError: this photo breaks the model")
+
+
+def test_caption_sources_are_tried_in_registry_order_and_a_new_one_is_one_line(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from subjectpairs.pipelines import caption_sources
+    from subjectpairs.pipelines.boxes import WHOLE_IMAGE
+    from subjectpairs.pipelines.config import BuildConfig
+    from subjectpairs.pipelines.shards import Candidate
+
+    class CatsOnly:
+        """A source as a new module would add one: captions for cats, nothing for the rest."""
+
+        @classmethod
+        def from_config(cls, config):
+            return cls()
+
+        def caption(self, done):
+            return [(["a cat, seen by the new source"], "cats") if c.category == "Cat" else None for c, _ in done]
+
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"image_id": "a", "label": "Cat", "captions": ["a cat from the file"]}) + "\n")
+    config = BuildConfig(out=str(tmp_path / "out"), candidates=str(tmp_path / "c.parquet"), captions=str(captions))
+    done = [(Candidate(key, key, "/m/0", category, WHOLE_IMAGE, f"{key}.jpg"), SimpleNamespace(target=None))
+            for key, category in (("a", "Cat"), ("b", "Cat"), ("c", "Dog"))]
+    registry = caption_sources.CAPTION_SOURCES
+    monkeypatch.setattr(caption_sources, "CAPTION_SOURCES", (registry[0], CatsOnly, *registry[1:]))
+    assert caption_sources.caption_pairs(caption_sources.caption_sources(config), done) == [
+        (["a cat from the file"], "captions.jsonl"),  # the file first
+        (["a cat, seen by the new source"], "cats"),  # then the new source
+        (["a photo of a dog"], "template"),  # the template last
+    ]

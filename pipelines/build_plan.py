@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import yaml
-
 from subjectpairs import storage
-from subjectpairs.configfile import CONFIG_FILE, config_yaml
+from subjectpairs.configfile import CONFIG_FILE, config_yaml, read_config
 from subjectpairs.corpus.layout import (
     MANIFEST_FILE,
     REJECTS_FILE,
@@ -59,10 +57,10 @@ def _earlier_build(out: str) -> BuildConfig | None:
     if not storage.exists(uri):
         return None
     try:
-        return BuildConfig.model_validate(yaml.safe_load(storage.read_bytes(uri)))
-    except Exception as exc:  # yaml and pydantic raise many types; any of them means "not a build"
-        raise OutputInUse(f"{out}: its {CONFIG_FILE} is not a build's ({type(exc).__name__}); choose an empty "
-                          "or new --out (--overwrite only replaces a build)") from exc
+        return read_config(BuildConfig, uri)
+    except InputError as exc:
+        raise OutputInUse(f"{out}: its {CONFIG_FILE} is not a build's ({exc}); choose an empty or new --out "
+                          "(--overwrite only replaces a build)") from exc
 
 
 def _is_build_entry(name: str, config: BuildConfig, started: bool) -> bool:

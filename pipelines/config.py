@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from subjectpairs.configfile import RUN_ONLY, hashed_settings
 from subjectpairs.curation.config import FILTER_PATH_KEYS, FilterConfig
 from subjectpairs.pipelines.segmenters import SegmenterConfig
 
@@ -143,9 +144,10 @@ class CaptionerConfig(_Settings):
 
 
 class BuildConfig(_Settings):
-    """One build: candidates in, WebDataset shards out. Keys that change the shards make the config hash."""
+    """One build: candidates in, WebDataset shards out. Keys that change the shards make the config hash;
+    those marked RUN_ONLY say where and how the job runs, not what it makes, and stay out of it."""
 
-    out: str
+    out: str = Field(json_schema_extra=RUN_ONLY)
     candidates: str | None = Field(None, description="candidates.parquet from `subjectpairs filter`")
     filter: dict[str, Any] | None = Field(
         None, description="or the filter's settings (bbox, classes, ...), to run it first into OUT/candidates"
@@ -165,20 +167,24 @@ class BuildConfig(_Settings):
     pair: PairConfig = Field(default_factory=PairConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
-    # How the job runs, not what it makes: left out of the config hash.
-    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS, else a local Ray")
-    max_tasks: int | None = Field(None, ge=1, description="shard tasks in flight; default: the cluster's CPUs")
+    address: str | None = Field(
+        None, description="Ray address; default: RAY_ADDRESS, else a local Ray", json_schema_extra=RUN_ONLY
+    )
+    max_tasks: int | None = Field(
+        None, ge=1, description="shard tasks in flight; default: the cluster's CPUs",
+        json_schema_extra=RUN_ONLY,
+    )
     segment_actors: int | None = Field(
         None, ge=0,
         description="CLIPSeg actors shared by the tasks (one GPU each when the cluster has GPUs); "
                     "default: one per GPU for CLIPSeg, none (segment inside each task) otherwise",
+        json_schema_extra=RUN_ONLY,
     )
-
     caption_actors: int | None = Field(
-        None, ge=0, description="BLIP-2 actors shared by the tasks; default: one per GPU when captioning"
+        None, ge=0, description="BLIP-2 actors shared by the tasks; default: one per GPU when captioning",
+        json_schema_extra=RUN_ONLY,
     )
 
-    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ("out", "address", "max_tasks", "segment_actors", "caption_actors")
     # Keys added after builds existed, with the value that matches what those builds did: at that value they
     # stay out of the hash, so an upgrade does not make every existing output folder "another configuration".
     LATER_KEYS: ClassVar[dict[tuple[str, ...], Any]] = {
@@ -232,7 +238,7 @@ class BuildConfig(_Settings):
 
     def config_hash(self) -> str:
         """SHA-256 of the settings that decide the shards' bytes (not where or how fast they are made)."""
-        settings = self.model_dump(mode="json", exclude=set(self.RUNTIME_KEYS))
+        settings = hashed_settings(self)
         for *sections, name in self.LATER_KEYS:
             section = settings
             for part in sections:

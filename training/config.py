@@ -5,18 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from subjectpairs import storage
+from subjectpairs.configfile import RUN_ONLY, hashed_settings
 
 
 class TrainConfig(BaseModel):
+    """One training run. Fields marked RUN_ONLY may change between a run and its resumption: where and how
+    long it runs, not what it computes; the others make the run hash."""
+
     model_config = ConfigDict(extra="forbid")
 
     shards: list[str] = Field(min_length=1, description="pair shard folders/prefixes (with manifest.json) or .tar URIs")
-    out: str
+    out: str = Field(json_schema_extra=RUN_ONLY)
     model: Literal["tiny", "blip-diffusion"] = "blip-diffusion"
     init: str | None = Field(None, description="diffusers BLIP-Diffusion folder or hub id to start from")
     stable_diffusion: str | None = Field(None, description="instead of init: SD-1.5 folder or hub id (text encoder, UNet, VAE)")
@@ -24,10 +28,10 @@ class TrainConfig(BaseModel):
     qformer_tokenizer: str | None = Field(None, description="BERT tokenizer for an --init without one")
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
     gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: float = Field(1, gt=0, json_schema_extra=RUN_ONLY)
     loader_workers: int = Field(2, ge=0, description="DataLoader processes per worker (0: in the training process)")
     batch_size: int = Field(16, ge=1, description="per worker")
-    max_steps: int = Field(1000, ge=0)
+    max_steps: int = Field(1000, ge=0, json_schema_extra=RUN_ONLY)
     seed: int = 0
     lr: float = Field(2e-6, gt=0, description="not scaled by the trainer: the paper's 2e-6 is for a total batch "
                                           "(workers x batch_size) of 16; scale it with the total batch")
@@ -38,20 +42,17 @@ class TrainConfig(BaseModel):
     exclude: str | None = Field(None, description="file of pair keys to leave out, one per line")
     latents: list[str] | None = Field(None, description="side-car latent shard folders (subjectpairs latents)")
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on GPU only")
-    compile: bool = Field(False, description="torch.compile the UNet and the text encoder")
-    checkpoint_every: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    log_every: int = Field(1, ge=1)
-    record_keys: bool = Field(False, description="write RUN/keys/rank-N.txt: the keys each rank trained on")
-    max_failures: int = Field(0, ge=0, description="worker failures to recover from the last checkpoint")
-    address: str | None = None
-    resume: bool = False
-
-    # Settings that may change between a run and its resumption: where and how long, not what it computes.
-    RESUMABLE_KEYS: ClassVar[tuple[str, ...]] = (
-        "out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "max_failures",
-        "address", "resume", "compile", "cpus_per_worker",
-    )
+    compile: bool = Field(False, description="torch.compile the UNet and the text encoder",
+                          json_schema_extra=RUN_ONLY)
+    checkpoint_every: int = Field(500, ge=1, json_schema_extra=RUN_ONLY)
+    keep_checkpoints: int = Field(3, ge=1, json_schema_extra=RUN_ONLY)
+    log_every: int = Field(1, ge=1, json_schema_extra=RUN_ONLY)
+    record_keys: bool = Field(False, description="write RUN/keys/rank-N.txt: the keys each rank trained on",
+                              json_schema_extra=RUN_ONLY)
+    max_failures: int = Field(0, ge=0, description="worker failures to recover from the last checkpoint",
+                              json_schema_extra=RUN_ONLY)
+    address: str | None = Field(None, json_schema_extra=RUN_ONLY)
+    resume: bool = Field(False, json_schema_extra=RUN_ONLY)
 
     @field_validator("shards", "latents", mode="before")
     @classmethod
@@ -93,5 +94,4 @@ class TrainConfig(BaseModel):
 
     def run_hash(self) -> str:
         """SHA-256 of the settings that decide the run's numbers; a resumption must match it."""
-        settings = self.model_dump(mode="json", exclude=set(self.RESUMABLE_KEYS))
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(hashed_settings(self), sort_keys=True).encode()).hexdigest()

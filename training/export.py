@@ -5,10 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from subjectpairs import storage
-from subjectpairs.configfile import CONFIG_FILE
+from subjectpairs.configfile import CONFIG_FILE, read_config
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, refuse_overlap
 
@@ -25,7 +23,7 @@ def run_config(run: str) -> TrainConfig:
     uri = storage.join(run, CONFIG_FILE)
     if not storage.exists(uri):
         raise InputError(f"{run}: not a training run (no {CONFIG_FILE})")
-    return TrainConfig.model_validate(yaml.safe_load(storage.read_bytes(uri)))
+    return read_config(TrainConfig, uri)
 
 
 def export_run(run: str, out: str, step: int | None = None) -> str:

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from subjectpairs import storage
-from subjectpairs.configfile import CONFIG_FILE, config_yaml
+from subjectpairs.configfile import CONFIG_FILE, config_yaml, hashed_settings, read_config
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from subjectpairs.raycluster import start_ray
@@ -360,10 +359,10 @@ def prepare_run(config: TrainConfig) -> int:
         raise InputError(f"{config.out}: no whole checkpoint to resume from ("
                          + "; ".join(f"{Path(uri).name}: {why}" for uri, why in scan.broken.items())
                          + "); remove the run folder to start over, or choose another --out")
-    previous = TrainConfig.model_validate(yaml.safe_load(storage.read_bytes(storage.join(config.out, CONFIG_FILE))))
+    previous = read_config(TrainConfig, storage.join(config.out, CONFIG_FILE))
     if previous.run_hash() != config.run_hash():
-        changed = sorted(k for k, v in config.model_dump().items()
-                         if k not in TrainConfig.RESUMABLE_KEYS and previous.model_dump()[k] != v)
+        ours, theirs = hashed_settings(config), hashed_settings(previous)
+        changed = sorted(key for key, value in ours.items() if theirs[key] != value)
         raise RunInUse(f"--resume with settings that change the run's numbers: {', '.join(changed)}")
     latest = scan.whole[-1]
     for uri in scan.whole:  # an older run's checkpoints, whole by Ray's snapshot, which is removed below

@@ -10,10 +10,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from rich.console import Console
 from rich.text import Text
 
+from subjectpairs.configfile import read_config
 from subjectpairs.errors import InputError
 
 # Printed text holds paths, keys and messages that users chose: with markup and emoji codes off, a path
@@ -47,33 +48,11 @@ def input_errors() -> Iterator[None]:
 
 
 def load_config(model: type[BaseModel], config_file: Path | None, overrides: dict[str, Any]) -> BaseModel:
-    """Config file values, then the flags that were given on the command line, validated together."""
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            loaded = yaml.safe_load(config_file.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise fail(f"{config_file}: cannot read the config file ({exc})") from exc
-        if not isinstance(loaded, dict):
-            raise fail(f"{config_file}: expected a mapping of config keys")
-        values.update(loaded)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        *sections, name = key.split(".")
-        target = values
-        for section in sections:
-            target = target.setdefault(section, {})
-            if not isinstance(target, dict):
-                raise fail(f"{key}: {section} is not a section of the configuration")
-        target[name] = value
-    try:
-        return model.model_validate(values)
-    except ValidationError as exc:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
-        )
-        raise fail(f"invalid configuration: {details}") from exc
+    """Config file values, then the flags that were given on the command line (those not None), validated
+    together; bad input ends the command with one line and exit code 2."""
+    with input_errors():
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return read_config(model, config_file, given)
 
 
 def parse_settings(pairs: list[str] | None) -> dict[str, Any]:

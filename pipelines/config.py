@@ -249,8 +249,6 @@ class BuildConfig(_Settings):
             # the bounds decide nothing then: such a build makes the shards of one before the gate existed,
             # and keeps its hash
             del settings["pair"]["quality"]
-        # whether a fallback may run, not what runs: a build that passes with it makes the same shards
-        del settings["pair"]["segmenter"]["require_clipseg"]
         if self.captioner.model is None:
             settings["captioner"] = self.UNUSED_CAPTIONER
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

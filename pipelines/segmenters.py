@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from subjectpairs.configfile import RUN_ONLY
 from subjectpairs.errors import InputError
 from subjectpairs.pipelines.segmentation import Segmenter
 from subjectpairs.pipelines.segmenter_clipseg import DEFAULT_CLIPSEG, ClipSegSegmenter, clipseg_in_hub_cache
@@ -30,8 +31,10 @@ class SegmenterConfig(BaseModel):
     # with a warning: it is not the paper's recipe).
     kind: str = Field("auto", description=f"auto or a segmenter: {', '.join(SEGMENTERS)}")
     model: str | None = Field(None, description=f"CLIPSeg hub id or folder (clipseg default: {DEFAULT_CLIPSEG})")
+    # whether a fallback may run, not what runs: a build that passes with it makes the same shards
     require_clipseg: bool = Field(
-        False, description="stop at start-up instead of letting auto fall back to GrabCut (the paper's recipe only)"
+        False, description="stop at start-up instead of letting auto fall back to GrabCut (the paper's recipe only)",
+        json_schema_extra=RUN_ONLY,
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     batch_size: int = Field(32, ge=1)

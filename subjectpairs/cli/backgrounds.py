@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Optional
 
 import typer
@@ -17,10 +18,7 @@ from subjectpairs.cli.common import (
 )
 
 
-def _help(key: str, note: str = "") -> str:
-    from subjectpairs.curation.config import BackgroundConfig
-
-    return field_help(BackgroundConfig, key, note)
+_help = partial(field_help, "subjectpairs.curation.config:BackgroundConfig")
 
 
 def backgrounds_command(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Optional
 
 import typer
@@ -18,10 +19,7 @@ from subjectpairs.cli.common import (
 )
 
 
-def _help(key: str, note: str = "") -> str:
-    from subjectpairs.pipelines.config import BuildConfig
-
-    return field_help(BuildConfig, key, note)
+_help = partial(field_help, "subjectpairs.pipelines.config:BuildConfig")
 
 
 def rejects_table(rejects) -> Table:

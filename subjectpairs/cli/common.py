@@ -3,6 +3,8 @@ read from a YAML file and the flags, and flag help taken from the configuration'
 
 from __future__ import annotations
 
+import importlib
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,12 +68,15 @@ def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
-def field_help(model: type[BaseModel], key: str, note: str = "") -> str:
-    """The help of a flag that sets config ``key`` (dotted), from the field's description, so that the two
-    never drift; ``note`` adds what only the command line has (``repeatable``).
+def field_help(config: str, key: str, note: str = "") -> str:
+    """The help of a flag that sets ``key`` (dotted) of the config class ``config`` (``module:Class``), from
+    the field's description, so that the two never drift; ``note`` adds what only the command line has
+    (``repeatable``).
 
     Commands call it in their flags' annotations, which ``from __future__ import annotations`` leaves
     unevaluated until typer builds the command line: importing the commands imports no config module."""
+    module, _, class_name = config.partition(":")
+    model: type[BaseModel] = getattr(importlib.import_module(module), class_name)
     *sections, name = key.split(".")
     for section in sections:
         model = model.model_fields[section].annotation

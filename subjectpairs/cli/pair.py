@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import posixpath
 from typing import Annotated, Optional
 
@@ -11,10 +13,7 @@ from subjectpairs.cli.common import ConfigFile, console, fail, field_help, load_
 from subjectpairs.errors import InputError
 
 
-def _help(key: str, note: str = "") -> str:
-    from subjectpairs.pipelines.config import PairConfig
-
-    return field_help(PairConfig, key, note)
+_help = partial(field_help, "subjectpairs.pipelines.config:PairConfig")
 
 
 def pair_command(

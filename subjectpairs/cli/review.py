@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Optional
 
 import typer
@@ -23,10 +24,7 @@ review_app = typer.Typer(help="Audit pairs in FiftyOne; rejected keys flow back 
                          no_args_is_help=True)
 
 
-def _help(key: str, note: str = "") -> str:
-    from subjectpairs.curation.review import ReviewConfig
-
-    return field_help(ReviewConfig, key, note)
+_help = partial(field_help, "subjectpairs.curation.review:ReviewConfig")
 
 
 @review_app.command("build")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Optional
 
 import typer
@@ -21,10 +22,7 @@ from subjectpairs.cli.common import (
 ADDRESS_HELP = "Ray address (default: RAY_ADDRESS, else local Ray)."
 
 
-def _help(key: str, note: str = "") -> str:
-    from subjectpairs.training.config import TrainConfig
-
-    return field_help(TrainConfig, key, note)
+_help = partial(field_help, "subjectpairs.training.config:TrainConfig")
 
 
 def _comma_list(values: list[str] | None) -> list[str] | None:

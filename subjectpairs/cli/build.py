@@ -67,7 +67,7 @@ def build_command(
         Optional[list[str]], typer.Option(help=_help("pair.composite.backgrounds", "repeatable"))
     ] = None,
     captions: Annotated[Optional[str], typer.Option(help=_help("captions"))] = None,
-    segmenter: Annotated[Optional[str], typer.Option(help="auto, clipseg or grabcut.")] = None,
+    segmenter: Annotated[Optional[str], typer.Option(help=_help("pair.segmenter.kind"))] = None,
     model: Annotated[Optional[str], typer.Option(help=_help("pair.segmenter.model"))] = None,
     require_clipseg: Annotated[bool, typer.Option(help=_help("pair.segmenter.require_clipseg"))] = False,
     size: Annotated[Optional[int], typer.Option(help=_help("pair.size"))] = None,

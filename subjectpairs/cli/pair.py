@@ -26,7 +26,7 @@ def pair_command(
     trimap: Annotated[Optional[str], typer.Option(help="Use this trimap (gray PNG) instead of segmenting.")] = None,
     background: Annotated[Optional[list[str]], typer.Option(
         help=_help("composite.backgrounds", "repeatable; default: generated"))] = None,
-    segmenter: Annotated[Optional[str], typer.Option(help="auto, clipseg or grabcut.")] = None,
+    segmenter: Annotated[Optional[str], typer.Option(help=_help("segmenter.kind"))] = None,
     model: Annotated[Optional[str], typer.Option(help=_help("segmenter.model"))] = None,
     require_clipseg: Annotated[bool, typer.Option(help=_help("segmenter.require_clipseg"))] = False,
     device: Annotated[Optional[str], typer.Option(help=_help("segmenter.device"))] = None,

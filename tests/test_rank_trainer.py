@@ -48,3 +48,14 @@ def test_a_trainer_steps_and_resumes_from_its_checkpoint_exactly(tmp_path):
     assert again == going_on
     for name, tensor in resumed.model.trainable_state_dict().items():
         assert torch.equal(tensor, model.trainable_state_dict()[name]), name
+
+
+def test_collectives_in_one_process_are_the_values_themselves():
+    from subjectpairs.training.rank_trainer import Collectives
+
+    ranks = Collectives(1, CPU)
+    assert not ranks.distributed
+    assert ranks.sum(2.5) == 2.5
+    assert ranks.all(True) and not ranks.all(False)
+    assert ranks.union(["b.tar", "a.tar", "b.tar"]) == ["a.tar", "b.tar"]
+    ranks.barrier()

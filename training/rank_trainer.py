@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .blip_diffusion import BlipDiffusion
@@ -120,3 +121,35 @@ class Trainer:
         rank_state = torch.load(os.path.join(folder, rank_file(rank)), weights_only=False)
         set_rng_state(rank_state["rng"], self.device)
         return rank_state["position"]
+
+
+class Collectives:
+    """What the ranks agree on each step, through torch.distributed; in a single process, the value itself."""
+
+    def __init__(self, world_size: int, device: torch.device) -> None:
+        self.world_size, self.device = world_size, device
+        self.distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def _reduce(self, value: float, op: Any) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(tensor, op=op)
+        return float(tensor.item())
+
+    def sum(self, value: float) -> float:
+        return self._reduce(value, dist.ReduceOp.SUM)
+
+    def all(self, flag: bool) -> bool:
+        """Whether every rank says ``flag``."""
+        return self._reduce(1.0 if flag else 0.0, dist.ReduceOp.MIN) == 1.0
+
+    def union(self, items: list[str]) -> list[str]:
+        """Every rank's items, sorted, once each."""
+        gathered = [items] * self.world_size
+        if self.distributed:
+            dist.all_gather_object(gathered, items)
+        return sorted({item for rank_items in gathered for item in rank_items})
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()

@@ -174,27 +174,16 @@ class MetricsLog:
         self.sync()
 
 
-def train_loop(config_dict: dict) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
+def _start_rank(config: TrainConfig, rank: int, device, scratch: str):
+    """This rank's Trainer on ``device`` and its data position: the run's model, its random streams seeded by
+    rank, then, when the run folder has a checkpoint, everything restored from it."""
     import torch
-    import torch.distributed as dist
 
-    from subjectpairs.corpus.layout import read_exclude
-    from subjectpairs.corpus.reader import resolve_shards
     from subjectpairs.seeds import stable_seed
 
-    from .data import BatchReader, StreamPosition
+    from .data import StreamPosition
     from .latents import check_latents
     from .rank_trainer import Trainer
-
-    config = TrainConfig.model_validate(config_dict)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    scratch = tempfile.mkdtemp(prefix="subjectpairs-train-")
 
     model = load_run_model(config, scratch)
     if config.latents:
@@ -213,6 +202,29 @@ def train_loop(config_dict: dict) -> None:
     checkpoint = latest_checkpoint(config.out)
     if checkpoint is not None:
         position = StreamPosition.from_dict(trainer.restore(_local_folder(checkpoint, scratch), rank=rank))
+    return trainer, position
+
+
+def train_loop(config_dict: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    from subjectpairs.corpus.layout import read_exclude
+    from subjectpairs.corpus.reader import resolve_shards
+
+    from .data import BatchReader
+    from .rank_trainer import Collectives
+
+    config = TrainConfig.model_validate(config_dict)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    ranks = Collectives(world, device)
+    scratch = tempfile.mkdtemp(prefix="subjectpairs-train-")
+
+    trainer, position = _start_rank(config, rank, device, scratch)
+    model = trainer.model
     trainer.network = ray.train.torch.prepare_model(model, move_to_device=False,
                                                     parallel_strategy_kwargs={"broadcast_buffers": False})
     trainer.network.train()
@@ -228,12 +240,6 @@ def train_loop(config_dict: dict) -> None:
     keys_log = _keys_log(config, rank, trainer.step) if config.record_keys else None
     progress = _progress_actor() if rank == 0 else None
 
-    def all_ranks(value: float, op) -> float:
-        tensor = torch.tensor([value], dtype=torch.float64, device=device)
-        if distributed:
-            dist.all_reduce(tensor, op=op)
-        return float(tensor.item())
-
     def save_checkpoint(record: dict) -> None:
         folder = tempfile.mkdtemp(prefix="checkpoint-", dir=scratch)
         step = trainer.step
@@ -244,16 +250,9 @@ def train_loop(config_dict: dict) -> None:
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=checkpoint_name(step))
         shutil.rmtree(folder, ignore_errors=True)
-        if distributed:
-            dist.barrier()  # every rank's files are stored
+        ranks.barrier()  # every rank's files are stored
         if rank == 0:
             mark_complete(storage.join(config.out, checkpoint_name(step)))
-
-    def all_ranks_union(items: list[str]) -> list[str]:
-        gathered = [items] * world
-        if distributed:
-            dist.all_gather_object(gathered, items)
-        return sorted({item for rank_items in gathered for item in rank_items})
 
     # A checkpoint taken at an epoch's end resumes with that epoch's steps done, as the run went on.
     epoch_steps = position.batches
@@ -262,7 +261,7 @@ def train_loop(config_dict: dict) -> None:
         started = time.perf_counter()
         batch = reader.next_batch()
         waited = time.perf_counter() - started
-        if all_ranks(1.0 if batch is not None else 0.0, dist.ReduceOp.MIN) == 0.0:
+        if not ranks.all(batch is not None):
             if epoch_steps == 0:
                 raise RuntimeError(
                     f"the shards give no full batch of {config.batch_size} to each of {world} workers "
@@ -277,11 +276,11 @@ def train_loop(config_dict: dict) -> None:
         if keys_log is not None:
             keys_log.write("".join(f"{step}\t{key}\n" for key in batch["keys"]))
             keys_log.flush()
-        mean_loss = all_ranks(float(loss), dist.ReduceOp.SUM) / world
-        corrupt = all_ranks(float(reader.position.corrupt), dist.ReduceOp.SUM)
-        reports = all_ranks(float(len(reader.position.bad_shards)), dist.ReduceOp.SUM)
+        mean_loss = ranks.sum(float(loss)) / world
+        corrupt = ranks.sum(float(reader.position.corrupt))
+        reports = ranks.sum(float(len(reader.position.bad_shards)))
         if reports != bad_shard_reports:  # the names are gathered only when a rank met another broken shard
-            bad_shard_reports, corrupt_shards = reports, all_ranks_union(reader.position.bad_shards)
+            bad_shard_reports, corrupt_shards = reports, ranks.union(reader.position.bad_shards)
         seconds = time.perf_counter() - started
         # the lr goes with the total batch (DDP averages the workers' gradients): 2e-6 with 16 in the paper
         total_batch = config.batch_size * world

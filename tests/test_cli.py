@@ -106,6 +106,19 @@ def test_build_flags_and_settings_are_validated_before_anything_runs(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_latents_settings_are_a_typed_config_checked_before_anything_runs(tmp_path):
+    out = tmp_path / "latents"
+    result = runner.invoke(app, ["latents", "--shards", str(tmp_path), "--out", str(out), "--model", "huge"])
+    assert result.exit_code == 2 and "model: Input should be 'tiny' or 'blip-diffusion'" in result.output
+    result = runner.invoke(app, ["latents", "--out", str(out)])
+    assert result.exit_code == 2 and "shards: Field required" in result.output
+    config = tmp_path / "latents.yaml"
+    config.write_text(f"shards: [{tmp_path / 'no-shards'}]\nout: {out}\nmodel: tiny\nbatch_size: 0\n")
+    result = runner.invoke(app, ["latents", "--config", str(config)])
+    assert result.exit_code == 2 and "batch_size: Input should be greater than or equal to 1" in result.output
+    assert not out.exists()
+
+
 def test_build_with_require_clipseg_stops_at_start_up_when_auto_would_fall_back(tmp_path, hub_cache):
     result = runner.invoke(app, ["build", "--out", str(tmp_path / "out"), "--candidates",
                                  str(tmp_path / "missing.parquet"), "--require-clipseg"])

@@ -270,9 +270,9 @@ def test_a_background_pool_works_from_any_directory_and_never_lands_in_its_photo
 
 
 def test_latents_train_and_export_never_write_over_their_inputs(tmp_path):
-    from subjectpairs.training.config import TrainConfig
+    from subjectpairs.training.config import LatentsConfig, TrainConfig
     from subjectpairs.training.export import export_run
-    from subjectpairs.training.latents import VaeSource, write_latents
+    from subjectpairs.training.latents import write_latents
     from subjectpairs.training.trainer import run_training
 
     shards = tmp_path / "shards"
@@ -282,7 +282,7 @@ def test_latents_train_and_export_never_write_over_their_inputs(tmp_path):
     before = files_in(shards)
     for out in (shards, shards / "latents", tmp_path):
         with pytest.raises(InputError, match="--shards"):
-            write_latents([str(shards)], str(out), VaeSource("tiny", None, 0))
+            write_latents(LatentsConfig(shards=[str(shards)], out=str(out), model="tiny"))
         with pytest.raises(InputError, match="--shards"):
             run_training(TrainConfig(shards=[str(shards)], out=str(out), model="tiny"), progress=False)
     (tmp_path / "model").mkdir()
@@ -299,7 +299,7 @@ def test_latents_train_and_export_never_write_over_their_inputs(tmp_path):
     assert files_in(shards) == before and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
     with OutputLock(str(tmp_path / "latents"), "latents"):
         with pytest.raises(InputError, match="in use by `subjectpairs latents`"):
-            write_latents([str(shards)], str(tmp_path / "latents"), VaeSource("tiny", None, 0))
+            write_latents(LatentsConfig(shards=[str(shards)], out=str(tmp_path / "latents"), model="tiny"))
     # a manifest the driver's data checks accept, so that the lock is what refuses
     (shards / "manifest.json").write_text(json.dumps({"shards": [{
         "name": "pairs-000000.tar", "samples": 1000, "first_key": "a", "last_key": "b"}]}))

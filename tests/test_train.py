@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from subjectpairs.cli import app
+from subjectpairs.configfile import read_config
 from subjectpairs.errors import InputError
 from subjectpairs.training import trainer
 from subjectpairs.training.blip_diffusion import BlipDiffusion
-from subjectpairs.training.config import TrainConfig
+from subjectpairs.training.config import LatentsConfig, TrainConfig
 from subjectpairs.training.export import export_run
-from subjectpairs.training.latents import VaeSource, check_latents, write_latents
+from subjectpairs.training.latents import check_latents, write_latents
 from subjectpairs.training.trainer import (
     RunInUse, latest_checkpoint, load_run_model, mark_complete, prepare_run, run_training,
 )
@@ -262,7 +263,9 @@ def test_generate_command_writes_an_image(two_worker_run, tmp_path):
 def test_training_on_cached_latents_with_relative_paths(ray_local, shards, tmp_path, monkeypatch):
     """Relative paths (as `make demo` gives them) must survive Ray Train's per-worker working directories."""
     monkeypatch.chdir(tmp_path)
-    manifest = write_latents([str(shards)], "latents", VaeSource("tiny", None, seed=0), batch_size=4)
+    manifest = write_latents(LatentsConfig(shards=[str(shards)], out="latents", model="tiny", batch_size=4))
+    written = read_config(LatentsConfig, tmp_path / "latents" / "config.yaml")  # beside them, to rerun anywhere
+    assert written == LatentsConfig(shards=[str(shards)], out=str(tmp_path / "latents"), model="tiny", batch_size=4)
     assert sum(entry["samples"] for entry in manifest["shards"]) == 24
     values = {"shards": [str(shards)], "out": "cached", "model": "tiny", "workers": 2, "loader_workers": 0,
               "batch_size": 2, "max_steps": 2, "shuffle_buffer": 8, "latents": ["latents"]}

@@ -95,3 +95,20 @@ class TrainConfig(BaseModel):
     def run_hash(self) -> str:
         """SHA-256 of the settings that decide the run's numbers; a resumption must match it."""
         return hashlib.sha256(json.dumps(hashed_settings(self), sort_keys=True).encode()).hexdigest()
+
+
+class LatentsConfig(BaseModel):
+    """``subjectpairs latents``: the targets' VAE latents as side-car shards, for ``train --latents``; written
+    to ``OUT/config.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shards: list[str] = Field(min_length=1, description="pair shard folders/prefixes or .tar URIs")
+    out: str = Field(description="folder or URI for the latent shards", json_schema_extra=RUN_ONLY)
+    model: Literal["tiny", "blip-diffusion"] = Field(
+        "blip-diffusion", description="tiny or blip-diffusion: the run's --model (the size of a random model)")
+    init: str | None = Field(None, description="the run's --init (its VAE encodes)")
+    seed: int = Field(0, description="the run's --seed (random models)")
+    batch_size: int = Field(32, ge=1, description="targets per VAE call", json_schema_extra=RUN_ONLY)
+    address: str | None = Field(None, description="Ray cluster address (default: local, or RAY_ADDRESS)",
+                                json_schema_extra=RUN_ONLY)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from subjectpairs import storage
+from subjectpairs.configfile import CONFIG_FILE, config_yaml
 from subjectpairs.corpus.layout import LATENT_MEMBER, MANIFEST_FILE, TARGET_MEMBER
 from subjectpairs.corpus.manifest import LatentManifest
 from subjectpairs.corpus.reader import ShardInfo, iter_shard, resolve_shards
@@ -25,6 +26,7 @@ from subjectpairs.guards import OutputLock, refuse_overlap
 from subjectpairs.identifiers import check_sample_key
 from subjectpairs.raycluster import start_ray
 
+from .config import LatentsConfig
 from .data import target_pixels
 
 
@@ -104,16 +106,23 @@ def _readable_samples(uri: str, members: frozenset[str]):
         raise InputError(f"{uri}: cannot read the shard ({type(exc).__name__}: {exc})") from exc
 
 
-def write_latents(shards: list[str], out: str, source: VaeSource, batch_size: int = 32,
-                  address: str | None = None) -> dict:
+def write_latents(config: LatentsConfig) -> dict:
     """Latent shards for every pair shard, one Ray task per shard (on a GPU where the cluster has one), into
-    an ``out`` checked against the inputs and locked for the run."""
-    for spec in shards:
+    an ``out`` checked against the inputs and locked for the run; the config goes beside them, its local
+    paths absolute, so that ``--config OUT/config.yaml`` reruns it from anywhere."""
+    local_init = config.init is not None and (storage.is_remote(config.init) or Path(config.init).exists())
+    config = config.model_copy(update={
+        "out": storage.absolute(config.out), "shards": [storage.absolute(spec) for spec in config.shards],
+        "init": storage.absolute(config.init) if local_init else config.init})
+    out = config.out
+    for spec in config.shards:
         refuse_overlap(out, {"--shards": spec})
-    local_init = source.init is not None and (storage.is_remote(source.init) or Path(source.init).exists())
+    source = VaeSource(config.model, config.init, config.seed)
     refuse_overlap(out, {"--init": source.init if local_init else None})  # a hub id is no folder of ours
     with OutputLock(out, "latents"):
-        return _write_latents_locked(shards, out, source, batch_size, address)
+        manifest = _write_latents_locked(config.shards, out, source, config.batch_size, config.address)
+        storage.publish_bytes(storage.join(out, CONFIG_FILE), config_yaml(config, "latents"))
+        return manifest
 
 
 def _write_latents_locked(shards: list[str], out: str, source: VaeSource, batch_size: int,

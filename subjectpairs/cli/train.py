@@ -12,7 +12,6 @@ from subjectpairs.cli.common import (
     ConfigFile,
     console,
     errors,
-    fail,
     field_help,
     input_errors,
     load_config,
@@ -23,6 +22,7 @@ ADDRESS_HELP = "Ray address (default: RAY_ADDRESS, else local Ray)."
 
 
 _help = partial(field_help, "subjectpairs.training.config:TrainConfig")
+_latents_help = partial(field_help, "subjectpairs.training.config:LatentsConfig")
 
 
 def _comma_list(values: list[str] | None) -> list[str] | None:
@@ -85,21 +85,27 @@ def export_command(
 
 
 def latents_command(
-    shards: Annotated[list[str], typer.Option(help="Pair shard folders/URIs (comma-separated or repeated).")],
-    out: Annotated[str, typer.Option(help="Folder or URI for the latent shards.")],
-    model: Annotated[str, typer.Option(help="tiny or blip-diffusion: the run's --model.")] = "blip-diffusion",
-    init: Annotated[Optional[str], typer.Option(help="The run's --init (its VAE encodes).")] = None,
-    seed: Annotated[int, typer.Option(help="The run's --seed (random models).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Targets per VAE call.")] = 32,
+    shards: Annotated[Optional[list[str]], typer.Option(
+        help=_latents_help("shards", "comma-separated or repeated"))] = None,
+    out: Annotated[Optional[str], typer.Option(help=_latents_help("out"))] = None,
+    model: Annotated[Optional[str], typer.Option(help=_latents_help("model"))] = None,
+    init: Annotated[Optional[str], typer.Option(help=_latents_help("init"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_latents_help("seed"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_latents_help("batch_size"))] = None,
     address: Annotated[Optional[str], typer.Option(help=ADDRESS_HELP)] = None,
+    config: ConfigFile = None,
 ) -> None:
     """Precompute the targets' VAE latents as side-car shards for `train --latents`."""
-    from subjectpairs.training.latents import VaeSource, write_latents
+    from subjectpairs.training.config import LatentsConfig
+    from subjectpairs.training.latents import write_latents
 
-    if model not in ("tiny", "blip-diffusion"):
-        raise fail(f"--model {model}: expected tiny or blip-diffusion")
+    settings = load_config(LatentsConfig, config, {
+        "shards": _comma_list(shards), "out": out, "model": model, "init": init, "seed": seed,
+        "batch_size": batch_size, "address": address,
+    })
     with input_errors():
-        manifest = write_latents(_comma_list(shards), out, VaeSource(model, init, seed), batch_size, address)
+        manifest = write_latents(settings)
+    out = settings.out
     total = sum(entry["samples"] for entry in manifest["shards"])
     skipped = [item for entry in manifest["shards"] for item in entry["skipped"]]
     console.print(f"{total:,} latents in {len(manifest['shards'])} shards -> {out}")

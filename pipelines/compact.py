@@ -26,7 +26,7 @@ from subjectpairs.configfile import CONFIG_FILE
 from subjectpairs.corpus.layout import MANIFEST_FILE, REJECTS_FILE, STATS_FILE, is_shard_name, read_exclude
 from subjectpairs.corpus.reader import iter_shard
 from subjectpairs.corpus.manifest import Manifest, ShardEntry
-from subjectpairs.corpus.writer import file_sha256, publish_file, shard_tar_writer
+from subjectpairs.corpus.writer import file_sha256, shard_tar_writer
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from subjectpairs.pipelines.rejections import Rejection
@@ -192,7 +192,7 @@ def _compact_locked(source: str, exclude: str, out: str, excluded: frozenset[str
                 continue
             shard = ShardEntry(name=name, samples=len(kept), bytes=os.path.getsize(local), sha256=file_sha256(local),
                                first_key=kept[0], last_key=kept[-1])
-            publish_file(local, storage.join(out, name))
+            storage.publish_file(local, storage.join(out, name))
             os.remove(local)
             entries.append(shard.model_dump())
 

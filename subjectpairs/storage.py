@@ -295,19 +295,23 @@ def download_folder(uri: str | Path, local_folder: str | Path) -> None:
     shutil.copytree(local_path(uri), local_folder, dirs_exist_ok=True)
 
 
-def upload_file(local: str | Path, uri: str | Path) -> None:
-    """Copy a local file to a path or URI. An object store gets one whole put: the object appears only once
-    the upload completed. A local copy is written in place and flushed to disk (fsync) before this returns:
-    copy to a staged name and rename it to publish a local file whole."""
+def publish_file(local: str | Path, uri: str | Path) -> None:
+    """Make a local file appear at a path or URI whole or not at all. An object store gets one whole put: the
+    object appears only once the upload completed. A local copy is written as ``.NAME.partial`` beside the
+    target, flushed to disk (fsync) and renamed over it."""
     if is_remote(str(uri)):
         fs, path = fsspec.core.url_to_fs(str(uri))
         fs.put_file(str(local), path)
         return
-    with open(local, "rb") as source, open(local_path(uri), "wb") as sink:
+    final = local_path(uri)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.partial")
+    with open(local, "rb") as source, open(staging, "wb") as sink:
         while block := source.read(1 << 22):
             sink.write(block)
         sink.flush()
         os.fsync(sink.fileno())
+    os.replace(staging, final)
 
 
 def absolute(uri: str) -> str:

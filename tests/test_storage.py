@@ -90,7 +90,7 @@ def test_file_reader_makes_its_filesystem_once_with_the_options(monkeypatch, tmp
     assert made == [("file", {"auto_mkdir": True})]
 
 
-def test_upload_file_copies_a_local_file_to_a_path_or_uri(tmp_path, root, monkeypatch):
+def test_publish_file_copies_a_local_file_to_a_path_or_uri_whole(tmp_path, root, monkeypatch):
     synced = []
     real_fsync = storage.os.fsync
     monkeypatch.setattr(storage.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
@@ -98,12 +98,13 @@ def test_upload_file_copies_a_local_file_to_a_path_or_uri(tmp_path, root, monkey
     source.write_bytes(b"0123456789" * 100_000)  # more than one block
     storage.make_folder(root)
     target = storage.join(root, "shard.tar")
-    storage.upload_file(str(source), target)
+    storage.publish_file(str(source), target)
     assert storage.read_bytes(target) == source.read_bytes()
     source.write_bytes(b"shorter")
-    storage.upload_file(source, target)  # replaces the whole file
+    storage.publish_file(source, target)  # replaces the whole file
     assert storage.read_bytes(target) == b"shorter"
     assert len(synced) == (0 if storage.is_remote(root) else 2)  # a local copy is on disk when it returns
+    assert storage.list_folder(root) == ["shard.tar"]  # no staged copy left beside it
 
 
 def test_download_folder_copies_a_tree_into_a_local_folder(tmp_path, root):

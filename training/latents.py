@@ -19,7 +19,7 @@ from subjectpairs.configfile import CONFIG_FILE, config_yaml
 from subjectpairs.corpus.layout import LATENT_MEMBER, MANIFEST_FILE, TARGET_MEMBER
 from subjectpairs.corpus.manifest import LatentManifest
 from subjectpairs.corpus.reader import ShardInfo, iter_shard, resolve_shards
-from subjectpairs.corpus.writer import publish_file, shard_tar_writer, write_latent_member
+from subjectpairs.corpus.writer import shard_tar_writer, write_latent_member
 from subjectpairs.devices import resolve_device
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, refuse_overlap
@@ -93,7 +93,7 @@ def encode_shard(shard: ShardInfo, out: str, vae, target_size: int, batch_size: 
                     flush()
             if batch:
                 flush()
-        publish_file(str(local), storage.join(out, name))
+        storage.publish_file(str(local), storage.join(out, name))
     return {"name": name, "samples": len(keys), "first_key": keys[0] if keys else None,
             "last_key": keys[-1] if keys else None, "skipped": skipped}
 

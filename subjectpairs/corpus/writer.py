@@ -78,7 +78,7 @@ class ChunkWriter:
             name = os.path.basename(path)
             digest = file_sha256(path)
             size = os.path.getsize(path)
-            publish_file(path, storage.join(self.out_dir, name))
+            storage.publish_file(path, storage.join(self.out_dir, name))
             published.append(ShardEntry(name=name, samples=len(keys), bytes=size, sha256=digest,
                                         first_key=keys[0], last_key=keys[-1]))
         return published
@@ -95,18 +95,6 @@ def file_sha256(uri: str) -> str:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def publish_file(local: str, target: str) -> None:
-    """Make ``local`` appear at ``target`` whole or not at all."""
-    if storage.is_remote(target):
-        storage.upload_file(local, target)  # an object store shows an object only once its upload completes
-        return
-    final = storage.local_path(target)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.partial")
-    storage.upload_file(local, staging)
-    os.replace(staging, final)
 
 
 def encode_latent(latent: np.ndarray) -> bytes:

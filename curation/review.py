@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
-from subjectpairs.errors import InputError
+from subjectpairs.errors import InputError, validation_problems
 from subjectpairs.guards import refuse_overlap
 from subjectpairs.identifiers import check_sample_key
 from subjectpairs.seeds import stable_seed
@@ -170,9 +170,7 @@ def _checked_meta(sample: dict) -> dict:
     try:
         meta = PairMeta.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'json'}: {error['msg']}"
-                             for error in exc.errors())
-        raise SampleRejected("bad_fields", problems) from None
+        raise SampleRejected("bad_fields", validation_problems(exc, "json")) from None
     if meta.key != key:
         raise SampleRejected("key_mismatch", f"json names key {meta.key!r}, the tar member {key!r}")
     return meta.model_dump()

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from subjectpairs import __version__
-from subjectpairs.errors import InputError
+from subjectpairs.errors import InputError, validation_problems
 
 # The config every command writes beside its output.
 CONFIG_FILE = "config.yaml"
@@ -59,10 +59,7 @@ def read_config(
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        problems = [f"{'.'.join(str(part) for part in error['loc']) or 'config'}: {error['msg']}"
-                    for error in exc.errors()]
-        more = len(problems) - _SHOWN_ERRORS
-        details = "; ".join(problems[:_SHOWN_ERRORS]) + (f"; and {more} more" if more > 0 else "")
+        details = validation_problems(exc, "config", _SHOWN_ERRORS)
         raise InputError(f"{uri}: invalid configuration: {details}" if uri is not None
                          else f"invalid configuration: {details}") from exc
 

@@ -12,7 +12,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from subjectpairs import storage
-from subjectpairs.errors import InputError
+from subjectpairs.errors import InputError, validation_problems
 
 from .layout import MANIFEST_FILE
 
@@ -71,9 +71,7 @@ class _ManifestFile(BaseModel):
         try:
             return cls.model_validate_json(data)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'file'}: {error['msg']}"
-                                 for error in exc.errors()[:3])
-            raise InputError(f"{uri}: not a shard manifest ({problems})") from exc
+            raise InputError(f"{uri}: not a shard manifest ({validation_problems(exc, 'file', 3)})") from exc
 
 
 class Manifest(_ManifestFile):

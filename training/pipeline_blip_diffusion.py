@@ -137,6 +137,7 @@ class BlipDiffusionPipeline:
         guided = guidance_scale > 1.0
         if guided:  # the unconditional branch first, as diffusers concatenates them
             states = torch.cat([self.model.text_conditioning([neg_prompt] * batch, None), states])
+        states = states.to(self.model.unet.dtype)
         latents = self.prepare_latents(batch, height, width, generator)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         # ancestral and SDE samplers draw noise at each step, from the caller's generator as in diffusers' SD
@@ -144,7 +145,7 @@ class BlipDiffusionPipeline:
         for step in tqdm(self.scheduler.timesteps, desc="denoising", disable=not self.progress):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, step)
-            noise = self.model.unet(model_input, step, encoder_hidden_states=states.to(self.model.unet.dtype)).sample
+            noise = self.model.unet(model_input, step, encoder_hidden_states=states).sample
             if guided:
                 unconditional, conditional = noise.chunk(2)
                 noise = unconditional + guidance_scale * (conditional - unconditional)

@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Literal
 
 from transformers import Blip2Config, CLIPTextConfig
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .qformer import NUM_QUERY_TOKENS
 
 ModelKind = Literal["tiny", "blip-diffusion"]
 # The subject image's normalisation (CLIP's), as the released image processor has it.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)
 # The released scheduler config (Stable Diffusion 1.5's PNDM); training samples noise with DDPM on it.
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                 "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,

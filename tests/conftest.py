@@ -144,6 +144,13 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny_dino
+
+    return save_tiny_dino(tmp_path_factory.mktemp("dino") / "tiny-dino")
+
+
+@pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """The demo's shards (real photos and generated scenes, GrabCut, local Ray), built once per session."""
     from subjectpairs.demo import run_demo

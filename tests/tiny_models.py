@@ -126,3 +126,18 @@ def save_tiny_clip(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
     CLIPModel(config).save_pretrained(folder)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def save_tiny_dino(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny ViT in the layout of ``facebook/dino-vits16`` (ViTModel weights and a ViTImageProcessor)."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=image_size, patch_size=16)
+    torch.manual_seed(seed)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": image_size, "width": image_size},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder

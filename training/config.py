@@ -112,3 +112,73 @@ class LatentsConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="targets per VAE call", json_schema_extra=RUN_ONLY)
     address: str | None = Field(None, description="Ray cluster address (default: local, or RAY_ADDRESS)",
                                 json_schema_extra=RUN_ONLY)
+
+
+class FinetuneConfig(BaseModel):
+    """``subjectpairs finetune``: subject-specific fine-tuning (paper 3.3 and A.6, LAVIS's
+    ``finetune-db-template.yaml``); written to ``OUT/config.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="diffusers BLIP-Diffusion folder or hub id to fine-tune")
+    subject_dir: str = Field(description="folder of the subject's photos (.jpg, .jpeg, .png, .webp)")
+    category: str = Field(min_length=1, description="the subject's category, e.g. dog")
+    out: str = Field(description="model folder to write", json_schema_extra=RUN_ONLY)
+    steps: int = Field(80, ge=1, description="optimizer steps (the paper: 40-120 per subject, mean 76)")
+    batch_size: int = Field(3, ge=1, description="photos per step (LAVIS: 3)")
+    lr: float = Field(5e-6, gt=0, description="AdamW learning rate, constant, no warm-up (LAVIS and A.6: 5e-6)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the weight matrices")
+    seed: int = Field(0, description="seed of the photo order, the noise and the timesteps")
+    train_embedding: bool = Field(True, description="train the cached subject embedding with the UNet, as LAVIS "
+                                                    "does (its cache is a parameter with gradients)")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on GPU only")
+    validation_prompts: str | None = Field(None, description="file of prompts, one per line, drawn as a contact "
+                                                             "sheet every validation_every steps",
+                                           json_schema_extra=RUN_ONLY)
+    validation_every: int = Field(20, ge=1, description="steps between contact sheets", json_schema_extra=RUN_ONLY)
+    validation_steps: int = Field(50, ge=1, description="denoising steps of the contact sheets",
+                                  json_schema_extra=RUN_ONLY)
+    qformer_tokenizer: str | None = Field(None, description="BERT tokenizer for a model folder without one")
+
+
+class EvaluateConfig(BaseModel):
+    """``subjectpairs evaluate``: the DreamBench evaluation of the paper's Table 1; written to
+    ``OUT/config.yaml``. A rerun with the same settings resumes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="diffusers BLIP-Diffusion folder or hub id")
+    dreambench: str = Field(description="DreamBench folder in the official layout (prompts_and_classes.txt, "
+                                        "<subject>/NN.jpg)")
+    out: str = Field(description="evaluation folder", json_schema_extra=RUN_ONLY)
+    subjects: list[str] | None = Field(None, description="subjects to evaluate (default: every one with photos)")
+    images_per_prompt: int = Field(4, ge=1, description="images per prompt and seed (the paper: 4)")
+    seeds: list[int] = Field([0], min_length=1, description="seeds; each draws images_per_prompt images of every "
+                                                            "prompt (the paper: 10 seed sets)")
+    steps: int = Field(100, ge=1, description="denoising steps (the paper: 100)")
+    guidance: float = Field(7.5, description="classifier-free guidance scale (the paper: 7.5)")
+    scheduler: str | None = Field(None, description="sampler (default: the model folder's, PNDM as released)")
+    reference_image: int = Field(0, ge=0, description="which photo of a subject is the subject image (its index "
+                                                      "in name order; 0: 00.jpg)")
+    finetune_steps: int | Literal["paper"] | None = Field(
+        None, description="fine-tune on each subject's photos for N steps first, or 'paper' (see README); "
+                          "default: zero-shot")
+    clip_model: str = Field("openai/clip-vit-base-patch32", description="CLIP model of CLIP-I and CLIP-T")
+    dino_model: str = Field("facebook/dino-vits16", description="DINO model of the DINO score")
+    qformer_tokenizer: str | None = Field(None, description="BERT tokenizer for a model folder without one")
+    address: str | None = Field(None, description="Ray cluster address (default: local, or RAY_ADDRESS)",
+                                json_schema_extra=RUN_ONLY)
+
+    @field_validator("subjects", "seeds", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("seeds repeat")
+        return value

@@ -150,3 +150,35 @@ def save_vocabulary_files(tokenizer, folder: Path) -> None:
     tokenizer.backend_tokenizer.model.save(str(folder))
     (folder / "special_tokens_map.json").write_text(json.dumps(tokenizer.special_tokens_map, indent=2))
     (folder / "tokenizer.json").unlink()
+
+
+# A fine-tuned model folder's cached subject embedding (``subjectpairs finetune``), at the folder's root
+# where diffusers' loader, which reads only the components model_index.json names, leaves it alone.
+SUBJECT_EMBEDDING_FILE = "subject_embedding.safetensors"
+
+
+def save_subject_embedding(folder: Path, embedding: torch.Tensor, category: str) -> Path:
+    """``embedding`` (1, 16, H) with the subject's category in the file's metadata."""
+    path = Path(folder) / SUBJECT_EMBEDDING_FILE
+    save_file({"subject_embedding": embedding.detach().float().cpu().contiguous()}, path,
+              metadata={"format": "pt", "category": category})
+    return path
+
+
+def load_subject_embedding(source: str | Path) -> tuple[torch.Tensor, str] | None:
+    """The cached subject embedding and its category of a fine-tuned folder or hub repository; None where
+    the model has none (a zero-shot model)."""
+    from safetensors import safe_open
+
+    path = _file_path(str(source), "", SUBJECT_EMBEDDING_FILE)
+    if path is None:
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            category = (weights.metadata() or {}).get("category", "")
+            embedding = weights.get_tensor("subject_embedding")
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise InputError(f"{path}: not a subject embedding file ({str(exc).splitlines()[0]})") from exc
+    if embedding.ndim != 3 or embedding.shape[0] != 1 or not category:
+        raise InputError(f"{path}: expected a (1, queries, width) subject embedding with its category")
+    return embedding, category

@@ -107,16 +107,20 @@ class BlipDiffusionPipeline:
                 raise InputError(f"{name} {side}: must be a positive multiple of {factor} (the VAE's downscale)")
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], reference_image: Image.Image | list[Image.Image],
+    def __call__(self, prompt: str | list[str], reference_image: Image.Image | list[Image.Image] | None,
                  source_subject_category: str | list[str], target_subject_category: str | list[str] | None = None,
                  *, guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = NUM_INFERENCE_STEPS,
                  generator: torch.Generator | list[torch.Generator] | None = None, neg_prompt: str = "",
                  prompt_strength: float = PROMPT_STRENGTH, prompt_reps: int = PROMPT_REPS,
-                 output_type: str = "pil") -> list[Image.Image] | np.ndarray:
+                 output_type: str = "pil", subject_embeddings: torch.Tensor | None = None,
+                 ) -> list[Image.Image] | np.ndarray:
         """One image per prompt (repeat a prompt for several images of it). ``target_subject_category``
         defaults to the source one; ``height``/``width`` to the model's training size (512 for SD-1.5).
-        ``output_type``: ``pil`` (a list of images) or ``np`` (B, H, W, 3 in [0, 1])."""
+        ``output_type``: ``pil`` (a list of images) or ``np`` (B, H, W, 3 in [0, 1]).
+
+        ``subject_embeddings`` (1 or B, 16, H), such as a fine-tuned folder's cached one, stand in for the
+        Q-Former's embeddings of ``reference_image`` (then None), as LAVIS generates after fine-tuning."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InputError("no prompt to generate")
@@ -127,13 +131,24 @@ class BlipDiffusionPipeline:
         height, width = height or self.model.target_size, width or self.model.target_size
         self._check_size(height, width)
         batch = len(prompts)
-        images = _as_list(reference_image, batch, "subject images")
         sources = _as_list(source_subject_category, batch, "source categories")
         targets = sources if target_subject_category is None else _as_list(target_subject_category, batch,
                                                                            "target categories")
         built = [build_prompt(p, t, prompt_strength, prompt_reps) for p, t in zip(prompts, targets)]
+        if subject_embeddings is None:
+            if reference_image is None:
+                raise InputError("no subject image and no subject embedding to generate from")
+            subject_embeddings = self.subject_embeddings(_as_list(reference_image, batch, "subject images"), sources)
+        elif reference_image is not None:
+            raise InputError("give a subject image or subject embeddings, not both")
+        else:
+            subject_embeddings = subject_embeddings.to(self.device, self.model.text_encoder.dtype)
+            subject_embeddings = subject_embeddings.expand(batch, -1, -1) if len(subject_embeddings) == 1 \
+                else subject_embeddings
+            if len(subject_embeddings) != batch:
+                raise InputError(f"{len(subject_embeddings)} subject embeddings for {batch} prompts")
 
-        states = self.encode_prompt(built, self.subject_embeddings(images, sources))
+        states = self.encode_prompt(built, subject_embeddings)
         guided = guidance_scale > 1.0
         if guided:  # the unconditional branch first, as diffusers concatenates them
             states = torch.cat([self.model.text_conditioning([neg_prompt] * batch, None), states])

@@ -153,8 +153,8 @@ class EvaluateConfig(BaseModel):
     out: str = Field(description="evaluation folder", json_schema_extra=RUN_ONLY)
     subjects: list[str] | None = Field(None, description="subjects to evaluate (default: every one with photos)")
     images_per_prompt: int = Field(4, ge=1, description="images per prompt and seed (the paper: 4)")
-    seeds: list[int] = Field([0], min_length=1, description="seeds; each draws images_per_prompt images of every "
-                                                            "prompt (the paper: 10 seed sets)")
+    seeds: list[int] = Field([0], min_length=1, description="one batch of images_per_prompt images of every prompt "
+                                                            "per seed (the paper: 10 seed sets)")
     steps: int = Field(100, ge=1, description="denoising steps (the paper: 100)")
     guidance: float = Field(7.5, description="classifier-free guidance scale (the paper: 7.5)")
     scheduler: str | None = Field(None, description="sampler (default: the model folder's, PNDM as released)")

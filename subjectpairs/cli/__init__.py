@@ -11,6 +11,7 @@ from subjectpairs.cli.backgrounds import backgrounds_command
 from subjectpairs.cli.build import build_command
 from subjectpairs.cli.common import console
 from subjectpairs.cli.demo import demo_command
+from subjectpairs.cli.evaluate import evaluate_command, finetune_command
 from subjectpairs.cli.filter import filter_command
 from subjectpairs.cli.generate import generate_command
 from subjectpairs.cli.pair import pair_command
@@ -38,6 +39,8 @@ app.command("build")(build_command)
 app.command("train")(train_command)
 app.command("export")(export_command)
 app.command("generate")(generate_command)
+app.command("finetune")(finetune_command)
+app.command("evaluate")(evaluate_command)
 app.command("latents")(latents_command)
 app.command("backgrounds")(backgrounds_command)
 app.command("demo")(demo_command)

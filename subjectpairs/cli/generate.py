@@ -1,4 +1,4 @@
-"""``subjectpairs generate``: zero-shot subject-driven images from a diffusers BLIP-Diffusion folder."""
+"""``subjectpairs generate``: subject-driven images from a diffusers BLIP-Diffusion folder (zero-shot, or fine-tuned)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,13 @@ def generated_image_paths(out: Path, count: int) -> list[Path]:
 
 def generate_command(
     model: Annotated[str, typer.Option(help="Diffusers BLIP-Diffusion folder or hub id.")],
-    subject_image: Annotated[Path, typer.Option(help="Photo of the subject (cropped to it).")],
-    category: Annotated[str, typer.Option(help="The subject's category in the photo (the source), e.g. dog.")],
     prompt: Annotated[str, typer.Option(help="What to show, after \"a {target category}\", e.g. \"on the beach\".")],
     out: Annotated[Path, typer.Option(help="Image to write (PNG, JPEG, ...); STEM-N.SUFFIX for several.")],
+    subject_image: Annotated[Optional[Path], typer.Option(
+        help="Photo of the subject (cropped to it); optional for a fine-tuned folder, which has its subject's "
+             "cached embedding.")] = None,
+    category: Annotated[Optional[str], typer.Option(
+        help="The subject's category in the photo (the source), e.g. dog; a fine-tuned folder's by default.")] = None,
     target_category: Annotated[Optional[str], typer.Option(
         help="The category the prompt names (default: --category), e.g. to render a dog's look as a cat.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = NUM_INFERENCE_STEPS,
@@ -46,28 +49,42 @@ def generate_command(
     qformer_tokenizer: Annotated[Optional[str], typer.Option(
         help="BERT tokenizer folder or hub id of the Q-Former (default: the one qformer/config.json names).")] = None,
 ) -> None:
-    """Zero-shot subject-driven generation as the authors and diffusers' BlipDiffusionPipeline do it."""
+    """Subject-driven generation as the authors and diffusers' BlipDiffusionPipeline do it: zero-shot from a
+    subject photo, or from a fine-tuned folder's cached subject embedding."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
     from subjectpairs.devices import resolve_device
+    from subjectpairs.training.model_folders import load_subject_embedding
     from subjectpairs.training.pipeline_blip_diffusion import BlipDiffusionPipeline, build_prompt
     from subjectpairs.training.schedulers import scheduler_class_name
 
     paths = generated_image_paths(out, num_images)
     if out.suffix.lower() not in Image.registered_extensions():
         raise fail(f"--out {out}: not an image file name (PNG, JPEG, ...)")
-    if subject_image.resolve() in {path.resolve() for path in paths}:
+    if subject_image is not None and subject_image.resolve() in {path.resolve() for path in paths}:
         raise fail(f"--out {out}: would overwrite the subject image")
+    cached = None
+    if subject_image is None:
+        with input_errors():
+            cached = load_subject_embedding(model)
+        if cached is None:
+            raise fail(f"--subject-image is needed: {model} holds no cached subject embedding "
+                       "(a folder made by `subjectpairs finetune` does)")
+        category = category or cached[1]
+    if not category:
+        raise fail("--category is needed with --subject-image")
     with input_errors():
         build_prompt(prompt, target_category or category, prompt_strength, prompt_reps)
         if scheduler:
             scheduler_class_name(scheduler)
-    try:
-        subject = Image.open(subject_image)
-        subject.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise fail(f"{subject_image}: cannot read the subject image ({exc})") from exc
+    subject = None
+    if subject_image is not None:
+        try:
+            subject = Image.open(subject_image)
+            subject.load()
+        except (OSError, UnidentifiedImageError) as exc:
+            raise fail(f"{subject_image}: cannot read the subject image ({exc})") from exc
     try:
         with input_errors():
             pipeline = BlipDiffusionPipeline.from_pretrained(model, scheduler=scheduler,
@@ -79,7 +96,8 @@ def generate_command(
         images = pipeline([prompt] * num_images, subject, category, target_category, guidance_scale=guidance,
                           height=height, width=width, num_inference_steps=steps,
                           generator=torch.Generator().manual_seed(seed), neg_prompt=negative_prompt,
-                          prompt_strength=prompt_strength, prompt_reps=prompt_reps)
+                          prompt_strength=prompt_strength, prompt_reps=prompt_reps,
+                          subject_embeddings=cached[0] if cached is not None else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths):
         try:

@@ -341,3 +341,31 @@ def test_latents_name_an_unreadable_shard_in_one_line_and_list_a_dotted_key(tmp_
     with pytest.raises(InputError, match=f"{truncated_shard.uri}: cannot read the shard") as error:
         encode_shard(truncated_shard, str(tmp_path / "latents"), vae, 64, batch_size=2)
     assert "\n" not in str(error.value)
+
+
+DREAMBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dreambench"
+
+
+@pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="the shared DreamBench subjects are not beside the checkout")
+def test_the_dreambench_evaluation_during_training_is_logged_and_leaves_the_run_unchanged(
+        ray_local, shards, tmp_path, tiny_clip, tiny_dino):
+    evaluated = train(ray_local, shards, tmp_path / "evaluated", eval_every=2, eval_dreambench=str(DREAMBENCH),
+                      eval_subjects=["dog", "teapot"], eval_prompts=2, eval_inference_steps=2,
+                      eval_clip_model=str(tiny_clip), eval_dino_model=str(tiny_dino))
+    plain = train(ray_local, shards, tmp_path / "plain")
+    evaluations = [record for record in evaluated if "eval" in record]
+    assert [record["step"] for record in evaluations] == [2, 4]
+    for record in evaluations:
+        assert record["eval"]["images"] == 4  # two subjects x two prompts
+        assert all(-1.0 <= record["eval"][metric] <= 1.0 for metric in ("dino", "clip_i", "clip_t"))
+    # the evaluation draws from no random stream of the run and leaves the model in training mode
+    assert [r["loss"] for r in evaluated if "loss" in r] == [r["loss"] for r in plain]
+
+
+def test_a_bad_evaluation_benchmark_fails_in_the_driver(tmp_path, shards):
+    with pytest.raises(InputError, match="prompts_and_classes.txt"):
+        run_training(TrainConfig(shards=[str(shards)], out=str(tmp_path / "run"), model="tiny", batch_size=2, eval_every=2,
+                                 eval_dreambench=str(tmp_path)), progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="eval_every and eval_dreambench go together"):
+        TrainConfig(shards=[str(shards)], out=str(tmp_path / "run"), eval_every=2)

@@ -53,8 +53,23 @@ class TrainConfig(BaseModel):
                               json_schema_extra=RUN_ONLY)
     address: str | None = Field(None, json_schema_extra=RUN_ONLY)
     resume: bool = Field(False, json_schema_extra=RUN_ONLY)
+    # a small fixed DreamBench evaluation during training, logged to metrics.jsonl; it does not change the run
+    eval_every: int | None = Field(None, ge=1, description="steps between DreamBench evaluations (with "
+                                                           "eval_dreambench)", json_schema_extra=RUN_ONLY)
+    eval_dreambench: str | None = Field(None, description="DreamBench folder of the evaluations during training",
+                                        json_schema_extra=RUN_ONLY)
+    eval_subjects: list[str] | None = Field(None, description="subjects of the evaluations (default: every one "
+                                                              "with photos)", json_schema_extra=RUN_ONLY)
+    eval_prompts: int = Field(5, ge=1, description="prompts per subject, one image each (seed 0)",
+                              json_schema_extra=RUN_ONLY)
+    eval_inference_steps: int = Field(25, ge=1, description="denoising steps of the evaluation images",
+                                      json_schema_extra=RUN_ONLY)
+    eval_clip_model: str = Field("openai/clip-vit-base-patch32", description="CLIP model of CLIP-I and CLIP-T",
+                                 json_schema_extra=RUN_ONLY)
+    eval_dino_model: str = Field("facebook/dino-vits16", description="DINO model of the DINO score",
+                                 json_schema_extra=RUN_ONLY)
 
-    @field_validator("shards", "latents", mode="before")
+    @field_validator("shards", "latents", "eval_subjects", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
@@ -69,6 +84,8 @@ class TrainConfig(BaseModel):
             raise ValueError("give either init, or stable_diffusion with qformer, not both")
         if self.record_keys and "://" in self.out and not self.out.startswith("file://"):
             raise ValueError("record_keys writes local files; use a local --out for it")
+        if bool(self.eval_every) != bool(self.eval_dreambench):
+            raise ValueError("eval_every and eval_dreambench go together")
         if bool(self.stable_diffusion) != bool(self.qformer):
             raise ValueError("stable_diffusion and qformer go together (a random Q-Former on a random image "
                              "encoder would learn nothing)")
@@ -90,6 +107,8 @@ class TrainConfig(BaseModel):
             "latents": [path(s) for s in self.latents] if self.latents else None, "exclude": path(self.exclude),
             "init": source(self.init), "stable_diffusion": source(self.stable_diffusion),
             "qformer": source(self.qformer), "qformer_tokenizer": source(self.qformer_tokenizer),
+            "eval_dreambench": path(self.eval_dreambench), "eval_clip_model": source(self.eval_clip_model),
+            "eval_dino_model": source(self.eval_dino_model),
         })
 
     def run_hash(self) -> str:

@@ -34,6 +34,7 @@ from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from .config import EvaluateConfig
 from .dreambench import BenchSubject, DreamBench, read_dreambench
 from .evaluation import ORACLE_RECORD, RECORDS_FOLDER, EvalUnit, EvaluationWorker, mean_scores, plan_units, read_photos
+from .model_folders import check_model_source
 from .paper_figures import FINETUNE_STEPS_MEAN, TABLE1
 
 METRICS_FILE = "metrics.parquet"
@@ -77,14 +78,6 @@ def model_hash(source: str) -> str:
     return folder_hash(Path(snapshot_download(source)))
 
 
-def _check_model_source(flag: str, source: str, marker: str) -> None:
-    local = Path(source).expanduser()
-    if local.exists() and not (local / marker).is_file():
-        raise InputError(f"{flag} {source}: a folder without {marker}")
-    if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
-        raise InputError(f"{flag} {source}: no such folder (nor a hub id)")
-
-
 def _local_dreambench(uri: str, scratch: str) -> str:
     if not storage.is_remote(uri):
         return str(storage.local_path(uri))
@@ -94,9 +87,9 @@ def _local_dreambench(uri: str, scratch: str) -> str:
 
 def check_evaluation(config: EvaluateConfig, dreambench_folder: str) -> tuple[DreamBench, list[BenchSubject]]:
     """Everything the driver can check before Ray starts; bad input is one InputError."""
-    _check_model_source("--model", config.model, "model_index.json")
-    _check_model_source("--clip-model", config.clip_model, "config.json")
-    _check_model_source("--dino-model", config.dino_model, "config.json")
+    check_model_source("--model", config.model, "model_index.json")
+    check_model_source("--clip-model", config.clip_model, "config.json")
+    check_model_source("--dino-model", config.dino_model, "config.json")
     local_model = config.model if Path(config.model).expanduser().exists() else None
     refuse_overlap(config.out, {"--model": local_model, "--dreambench": config.dreambench})
     bench = read_dreambench(dreambench_folder)

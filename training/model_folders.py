@@ -42,6 +42,17 @@ def _file_path(source: str, subfolder: str, name: str) -> Path | None:
         return None
 
 
+def check_model_source(flag: str, source: str, marker: str) -> None:
+    """A local folder must hold ``marker`` (its config file); a path that is no folder must look like a hub
+    id (``owner/name``), so that a mistyped folder fails in the driver with its name instead of as a hub
+    lookup in every worker."""
+    local = Path(source).expanduser()
+    if local.exists() and not (local / marker).is_file():
+        raise InputError(f"{flag} {source}: a folder without {marker}")
+    if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise InputError(f"{flag} {source}: no such folder (nor a hub id)")
+
+
 def read_json_file(source: str | Path, subfolder: str, name: str) -> dict:
     """A JSON file of a model folder or hub repository; {} where it has none."""
     path = _file_path(str(source), subfolder, name)

@@ -239,6 +239,8 @@ def train_loop(config_dict: dict) -> None:
     metrics = MetricsLog(config.out, keep_through_step=trainer.step) if rank == 0 else None
     keys_log = _keys_log(config, rank, trainer.step) if config.record_keys else None
     progress = _progress_actor() if rank == 0 else None
+    # rank 0 evaluates while the others wait at the next step's all-reduce
+    evaluation = _training_evaluation(config, device) if rank == 0 and config.eval_every else None
 
     def save_checkpoint(record: dict) -> None:
         folder = tempfile.mkdtemp(prefix="checkpoint-", dir=scratch)
@@ -291,6 +293,9 @@ def train_loop(config_dict: dict) -> None:
             if step % config.log_every == 0 or step == config.max_steps:
                 metrics.write(record)
             progress.update.remote(step, mean_loss, record["samples_per_s"])
+        if evaluation is not None and step % config.eval_every == 0:
+            metrics.write({"step": step, "eval": evaluation(model)})
+            trainer.network.train()
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             save_checkpoint(record)
     if metrics is not None:
@@ -298,6 +303,21 @@ def train_loop(config_dict: dict) -> None:
     if keys_log is not None:
         keys_log.close()
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _training_evaluation(config: TrainConfig, device):
+    """``model -> {dino, clip_i, clip_t, images}``: the run's small fixed DreamBench evaluation, its metric
+    models loaded once."""
+    from .dreambench import read_dreambench
+    from .evaluation import quick_evaluation
+    from .inference_defaults import GUIDANCE_SCALE
+    from .subject_metrics import SubjectScorer
+
+    bench = read_dreambench(config.eval_dreambench)
+    subjects = bench.subjects(config.eval_subjects)
+    scorer = SubjectScorer(config.eval_clip_model, config.eval_dino_model, device)
+    return lambda model: quick_evaluation(model, scorer, bench, subjects, config.eval_prompts,
+                                          config.eval_inference_steps, GUIDANCE_SCALE)
 
 
 def _keys_log(config: TrainConfig, rank: int, step: int):
@@ -405,6 +425,18 @@ def check_data(config: TrainConfig) -> None:
             f"a batch of {config.batch_size}; use fewer workers or loader workers, or a smaller batch")
 
 
+def check_evaluation_inputs(config: TrainConfig) -> None:
+    """``--eval-dreambench``'s layout and subjects and the metric models, checked before Ray starts."""
+    if not config.eval_dreambench:
+        return
+    from .dreambench import read_dreambench
+    from .model_folders import check_model_source
+
+    read_dreambench(config.eval_dreambench).subjects(config.eval_subjects)
+    check_model_source("--set eval_clip_model", config.eval_clip_model, "config.json")
+    check_model_source("--set eval_dino_model", config.eval_dino_model, "config.json")
+
+
 def check_model_sources(config: TrainConfig) -> None:
     """Local model folders are checked in the driver, so a wrong path fails at once with its name
     instead of in every worker (where an unknown local path would be taken for a hub id)."""
@@ -476,6 +508,7 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     check_model_sources(config)
     config = config.with_absolute_paths()
     check_data(config)
+    check_evaluation_inputs(config)
     with OutputLock(config.out, "train"):
         return _train_locked(config, progress)
 

@@ -50,6 +50,10 @@ def train_command(
     latents: Annotated[Optional[list[str]], typer.Option(
         help=_help("latents", "one per shard folder, comma-separated or repeated"))] = None,
     address: Annotated[Optional[str], typer.Option(help=ADDRESS_HELP)] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help=_help("eval_every"))] = None,
+    eval_dreambench: Annotated[Optional[str], typer.Option(help=_help("eval_dreambench"))] = None,
+    eval_subjects: Annotated[Optional[list[str]], typer.Option(
+        help=_help("eval_subjects", "comma-separated or repeated"))] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set lr=1e-5; repeatable.")] = None,
     config: ConfigFile = None,
 ) -> None:
@@ -62,6 +66,7 @@ def train_command(
         "stable_diffusion": stable_diffusion, "qformer": qformer,
         "gpus_per_worker": gpus_per_worker, "batch_size": batch_size, "max_steps": max_steps, "seed": seed,
         "resume": resume or None, "exclude": exclude, "latents": _comma_list(latents), "address": address,
+        "eval_every": eval_every, "eval_dreambench": eval_dreambench, "eval_subjects": _comma_list(eval_subjects),
         **parse_settings(set_),
     })
     with input_errors():

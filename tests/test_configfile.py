@@ -152,10 +152,12 @@ def test_the_build_config_hash_is_pinned():
 def test_the_train_run_hash_is_pinned():
     assert set(run_only_fields(TrainConfig)) == {
         "out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "max_failures",
-        "address", "resume", "compile", "cpus_per_worker"}
+        "address", "resume", "compile", "cpus_per_worker", "eval_every", "eval_dreambench", "eval_subjects",
+        "eval_prompts", "eval_inference_steps", "eval_clip_model", "eval_dino_model"}
     assert TrainConfig(shards=["shards"], out="run").run_hash() == TRAIN_HASH
     assert TrainConfig(shards=["shards"], out="run2", max_steps=5, checkpoint_every=2, keep_checkpoints=1,
                        log_every=3, record_keys=True, max_failures=2, address="ray://head:10001", resume=True,
-                       compile=True, cpus_per_worker=4).run_hash() == TRAIN_HASH
+                       compile=True, cpus_per_worker=4, eval_every=100, eval_dreambench="dreambench",
+                       eval_subjects=["dog"], eval_prompts=2).run_hash() == TRAIN_HASH
     assert TrainConfig(shards=["a", "b"], out="run", model="tiny", seed=7, lr=1e-5,
                        latents=["la", "lb"]).run_hash() == TRAIN_NUMBERS_HASH

@@ -18,6 +18,9 @@ from typer.testing import CliRunner
 
 from subjectpairs.cli import app
 from subjectpairs.training.blip_diffusion import BlipDiffusion
+from subjectpairs.training.config import FinetuneConfig
+from subjectpairs.training.finetune import finetune_into
+from subjectpairs.training.model_folders import SUBJECT_EMBEDDING_FILE
 from subjectpairs.training.pipeline_blip_diffusion import BlipDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +161,25 @@ def test_an_export_loads_into_diffusers_classes(tmp_path):
     folder = BlipDiffusion.from_config("tiny", seed=0).save_pretrained(tmp_path / "export")
     checked = _check_export(folder)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_fine_tuned_folder_loads_into_diffusers_classes_and_generates_there_as_here(model, reference, tmp_path):
+    """``subjectpairs finetune``'s folder is an export with a changed UNet and the cached embedding beside it:
+    diffusers' classes load every component of it, and its pipeline (which knows no cached embedding and
+    embeds the subject photo) gives the image the project's pipeline gives from the same photo."""
+    out = tmp_path / "fine-tuned"
+    photo = Image.fromarray(reference["reference_image"])
+    tune = FinetuneConfig(model=str(FOLDER), subject_dir=str(tmp_path), category=str(reference["category"]),
+                          out=str(out), steps=2, lr=1e-3)
+    finetune_into(BlipDiffusion.from_pretrained(FOLDER), [photo, photo.transpose(Image.FLIP_LEFT_RIGHT)], tune, [])
+    assert (out / SUBJECT_EMBEDDING_FILE).is_file()
+    theirs_file = tmp_path / "theirs.npy"
+    checked = _check_export(out, "--generate-to", str(theirs_file))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    theirs = np.load(theirs_file).astype(np.int16)
+    assert int(np.abs(generate_reference(out, reference) - theirs).max()) <= GREY_LEVELS
+    # the UNet did change: the image is not the base model's
+    assert int(np.abs(theirs - reference["generated_uint8"].astype(np.int16)).max()) > GREY_LEVELS
 
 
 def test_an_export_generates_the_same_image_in_diffusers_as_here(model, reference, tmp_path):

@@ -195,6 +195,13 @@ class EvaluateConfig(BaseModel):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("finetune_steps")
+    @classmethod
+    def _positive_steps(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("fine-tuning needs 1 step or more (leave it out for zero-shot)")
+        return value
+
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, value: list[int]) -> list[int]:

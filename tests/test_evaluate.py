@@ -408,24 +408,16 @@ def test_finetune_steps_paper_is_the_papers_mean():
     assert finetune_steps_of(EvaluateConfig(**base)) is None
 
 
-@pytest.mark.xfail(strict=True, reason="EvaluateConfig.subjects takes a subject twice: its units are planned twice "
-                                       "and metrics.parquet and summary.json count each of its images twice")
-def test_a_subject_named_twice_is_refused_or_planned_once(tmp_path, model_folder, tiny_clip, tiny_dino):
+def test_a_subject_named_twice_is_refused_as_a_repeated_seed_is():
+    """Named twice, a subject's units would be planned twice and its images counted twice in the summary."""
     from pydantic import ValidationError
 
-    from subjectpairs.errors import InputError
     from subjectpairs.training.config import EvaluateConfig
-    from subjectpairs.training.evaluation import plan_units
-    from subjectpairs.training.evaluation_job import check_evaluation
 
-    try:
-        config = EvaluateConfig(model=str(model_folder), dreambench=str(DREAMBENCH), out=str(tmp_path / "out"),
-                                subjects="dog,teapot,dog", clip_model=str(tiny_clip), dino_model=str(tiny_dino))
-        bench, subjects = check_evaluation(config, str(DREAMBENCH))
-    except (ValidationError, InputError):
-        return  # refused, as repeated seeds are
-    units = plan_units(bench, subjects, config.seeds)
-    assert len({unit.record_path for unit in units}) == len(units) == 2 * PROMPTS
+    with pytest.raises(ValidationError, match=r"\['dog'\] named twice"):
+        EvaluateConfig(model="m", dreambench="d", out="o", subjects="dog,teapot,dog")
+    with pytest.raises(ValidationError, match=r"\[3\] named twice"):
+        EvaluateConfig(model="m", dreambench="d", out="o", seeds="3,1,3")
 
 
 @pytest.mark.parametrize("steps, words", [("abc", "finetune_steps.int: Input should be a valid integer"),

@@ -202,9 +202,9 @@ class EvaluateConfig(BaseModel):
             raise ValueError("fine-tuning needs 1 step or more (leave it out for zero-shot)")
         return value
 
-    @field_validator("seeds")
+    @field_validator("seeds", "subjects")
     @classmethod
-    def _distinct(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
-            raise ValueError("seeds repeat")
+    def _distinct(cls, value: list | None) -> list | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"{sorted({v for v in value if value.count(v) > 1})} named twice")
         return value

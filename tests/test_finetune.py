@@ -371,3 +371,11 @@ def test_finetune_into_publishes_the_folder_with_its_embedding(base, dog_dir, tm
             SUBJECT_EMBEDDING_FILE} <= names
     assert not any(name.endswith(".partial") for name in names)
     assert report.steps == 2 and len(losses(tmp_path / "out")) == 2
+
+
+def test_a_model_folder_that_is_not_there_is_one_input_error_naming_the_flag(tmp_path):
+    config = FinetuneConfig(model=str(tmp_path / "no-such-model"), subject_dir=str(tmp_path), category="dog",
+                            out=str(tmp_path / "out"), steps=1)
+    with pytest.raises(InputError, match="--model .*no-such-model: no such folder"):
+        run_finetune(config)
+    assert not (tmp_path / "out").exists()

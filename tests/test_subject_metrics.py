@@ -213,13 +213,27 @@ def test_a_model_path_that_is_not_there_is_an_input_error_naming_the_flag(tmp_pa
         SubjectScorer(str(tiny_clip), str(tmp_path / "no" / "such" / "dino"))
 
 
-@pytest.mark.xfail(strict=True, reason="SubjectScorer loads --dino-model with ViTModel.from_pretrained, "
-                   "which accepts a checkpoint of another architecture with only a warning and random "
-                   "weights for every missing tensor: the DINO score is then that of a random network, "
-                   "with no error")
-def test_a_dino_model_of_another_architecture_is_an_input_error_naming_the_flag(tiny_clip):
-    with pytest.raises(InputError, match="--dino-model"):
+def test_a_dino_model_of_another_architecture_is_an_input_error_naming_the_flag(tiny_clip, tiny_dino):
+    """transformers would load it with a warning and random weights: every score would be noise."""
+    with pytest.raises(InputError, match="--dino-model .*a clip model, not vit"):
         SubjectScorer(str(tiny_clip), str(tiny_clip))
+    with pytest.raises(InputError, match="--clip-model .*a vit model, not clip"):
+        SubjectScorer(str(tiny_dino), str(tiny_dino))
+
+
+def test_a_dino_checkpoint_with_a_weight_missing_is_an_input_error_naming_it(tmp_path, tiny_clip, tiny_dino):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "dino"
+    shutil.copytree(tiny_dino, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    dropped = sorted(name for name in weights if "layernorm" in name)[0]
+    del weights[dropped]
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=f"--dino-model .*weights missing.*{dropped.rsplit('.', 2)[-2]}"):
+        SubjectScorer(str(tiny_clip), str(damaged))
 
 
 def test_a_clip_folder_without_its_processor_is_an_input_error_naming_the_clip_flag(tmp_path, tiny_clip,

@@ -40,7 +40,7 @@ from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 
 from .blip_diffusion import BlipDiffusion
 from .config import FinetuneConfig
-from .model_folders import SUBJECT_EMBEDDING_FILE, save_subject_embedding
+from .model_folders import SUBJECT_EMBEDDING_FILE, check_model_source, save_subject_embedding
 from .pipeline_blip_diffusion import BlipDiffusionPipeline
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -218,6 +218,7 @@ class FinetuneReport:
 
 def run_finetune(config: FinetuneConfig, progress: bool = True) -> FinetuneReport:
     """Check the inputs, fine-tune and write ``config.out``, which must be new or empty."""
+    check_model_source("--model", config.model, "model_index.json")
     model_folder = config.model if Path(config.model).expanduser().exists() else None
     refuse_overlap(config.out, {"--model": model_folder, "--subject-dir": config.subject_dir})
     if storage.exists(config.out) and output_entries(config.out):

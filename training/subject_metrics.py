@@ -40,17 +40,30 @@ def _load(kind: str, source: str, loader):
         raise InputError(f"{kind} {source}: cannot load it ({str(exc).splitlines()[0]})") from exc
 
 
+def _load_model(flag: str, source: str, cls, model_type: str, **options):
+    """``cls.from_pretrained`` that refuses a checkpoint of another architecture or with weights missing:
+    transformers would load it with a warning and random weights, and every score would be noise."""
+    model, info = _load(flag, source, lambda s: cls.from_pretrained(s, output_loading_info=True, **options))
+    if model.config.model_type != model_type:
+        raise InputError(f"{flag} {source}: a {model.config.model_type} model, not {model_type}")
+    missing = [*info["missing_keys"], *(key if isinstance(key, str) else key[0] for key in info["mismatched_keys"])]
+    if missing:
+        raise InputError(f"{flag} {source}: weights missing or of other shapes for {cls.__name__} "
+                         f"({', '.join(sorted(missing)[:5])}{', ...' if len(missing) > 5 else ''})")
+    return model
+
+
 class SubjectScorer:
     """The DINO and CLIP models of the metrics, on one device, in eval mode."""
 
     def __init__(self, clip_model: str = DEFAULT_CLIP_MODEL, dino_model: str = DEFAULT_DINO_MODEL,
                  device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-        self.clip = _load("--clip-model", clip_model, CLIPModel.from_pretrained).eval().to(self.device)
+        self.clip = _load_model("--clip-model", clip_model, CLIPModel, "clip").eval().to(self.device)
         self.clip_processor = _load("--clip-model", clip_model, CLIPProcessor.from_pretrained)
         # the CLS token of the last hidden state, not a pooler, as DreamBooth's DINO score reads it
-        self.dino = _load("--dino-model", dino_model,
-                          lambda s: ViTModel.from_pretrained(s, add_pooling_layer=False)).eval().to(self.device)
+        self.dino = _load_model("--dino-model", dino_model, ViTModel, "vit",
+                                add_pooling_layer=False).eval().to(self.device)
         self.dino_processor = _load("--dino-model", dino_model, AutoImageProcessor.from_pretrained)
 
     @torch.no_grad()

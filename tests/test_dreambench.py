@@ -172,29 +172,17 @@ def test_a_file_of_something_else_names_every_missing_section(tmp_path):
         assert section in str(raised.value)
 
 
-def test_a_class_line_without_a_comma_is_an_input_error_quoting_it(tmp_path):
-    write_bench(tmp_path, SMALL.replace("dog,dog", "dog dog"))
-    with pytest.raises(InputError, match=r"class line 'dog dog' is not 'subject_name,class'"):
-        read_dreambench(tmp_path)
-
-
-def test_a_class_line_with_an_empty_class_is_an_input_error(tmp_path):
-    write_bench(tmp_path, SMALL.replace("dog,dog", "dog,"))
-    with pytest.raises(InputError, match="class line 'dog,'"):
-        read_dreambench(tmp_path)
-
-
-def test_a_prompt_list_without_templates_is_an_input_error_naming_the_list(tmp_path):
-    text = SMALL.replace("'a {0} {1} in the jungle'.format(unique_token, class_token),\n"
-                         "'a red {0} {1}'.format(unique_token, class_token)", "")
-    write_bench(tmp_path, text)
-    with pytest.raises(InputError, match="the 'Object Prompts' list has no prompts"):
-        read_dreambench(tmp_path)
-
-
-def test_a_template_without_the_class_slot_is_an_input_error(tmp_path):
-    write_bench(tmp_path, SMALL.replace("'a red {0} {1}'", "'a red {0}'"))
-    with pytest.raises(InputError, match="the 'Object Prompts' list"):
+@pytest.mark.parametrize("original, damaged, message", [
+    ("dog,dog", "dog dog", r"class line 'dog dog' is not 'subject_name,class'"),  # no comma
+    ("dog,dog", "dog,", "class line 'dog,'"),  # an empty class
+    ("'a {0} {1} in the jungle'.format(unique_token, class_token),\n'a red {0} {1}'.format(unique_token, class_token)",
+     "", "the 'Object Prompts' list has no prompts"),  # a list without templates
+    ("'a red {0} {1}'", "'a red {0}'", "the 'Object Prompts' list"),  # a template without the class slot
+], ids=["class-line-without-comma", "empty-class", "list-without-templates", "template-without-class-slot"])
+def test_a_malformed_line_is_an_input_error_naming_it(tmp_path, original, damaged, message):
+    assert original in SMALL
+    write_bench(tmp_path, SMALL.replace(original, damaged))
+    with pytest.raises(InputError, match=message):
         read_dreambench(tmp_path)
 
 

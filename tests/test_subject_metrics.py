@@ -190,19 +190,13 @@ def test_image_and_text_features_are_unit_length(scorer, tiny_clip, tiny_dino, g
 
 # -- (d) model paths ---------------------------------------------------------------------------------------
 
-def test_a_missing_clip_model_is_an_input_error_naming_the_flag(tmp_path, tiny_dino):
-    missing = tmp_path / "no-clip-here"
+@pytest.mark.parametrize("flag", ["--clip-model", "--dino-model"])
+def test_a_folder_without_the_model_is_an_input_error_naming_the_flag(tmp_path, tiny_clip, tiny_dino, flag):
+    missing = tmp_path / "no-model-here"
     missing.mkdir()
-    with pytest.raises(InputError, match="--clip-model") as raised:
-        SubjectScorer(str(missing), str(tiny_dino))
-    assert str(missing) in str(raised.value)
-
-
-def test_a_missing_dino_model_is_an_input_error_naming_the_flag(tmp_path, tiny_clip):
-    missing = tmp_path / "no-dino-here"
-    missing.mkdir()
-    with pytest.raises(InputError, match="--dino-model") as raised:
-        SubjectScorer(str(tiny_clip), str(missing))
+    models = {"--clip-model": str(tiny_clip), "--dino-model": str(tiny_dino), flag: str(missing)}
+    with pytest.raises(InputError, match=flag) as raised:
+        SubjectScorer(models["--clip-model"], models["--dino-model"])
     assert str(missing) in str(raised.value)
 
 

@@ -13,7 +13,7 @@ from subjectpairs.cli.common import console
 from subjectpairs.cli.demo import demo_command
 from subjectpairs.cli.evaluate import evaluate_command, finetune_command
 from subjectpairs.cli.filter import filter_command
-from subjectpairs.cli.generate import generate_command
+from subjectpairs.cli.generate import generate_command, interpolate_command
 from subjectpairs.cli.pair import pair_command
 from subjectpairs.cli.review import review_app
 from subjectpairs.cli.shards import shards_app
@@ -39,6 +39,7 @@ app.command("build")(build_command)
 app.command("train")(train_command)
 app.command("export")(export_command)
 app.command("generate")(generate_command)
+app.command("interpolate")(interpolate_command)
 app.command("finetune")(finetune_command)
 app.command("evaluate")(evaluate_command)
 app.command("latents")(latents_command)

@@ -26,17 +26,18 @@ def generated_image_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{index}{out.suffix}") for index in range(count)]
 
 
-def check_image_out(out: Path, inputs: list[Path], count: int = 1) -> list[Path]:
-    """The files ``out`` names: an image file name, none of them an input."""
+def check_image_out(out: Path, inputs: dict[str, list[Path]], count: int = 1) -> list[Path]:
+    """The files ``out`` names: an image file name, none of them one of the ``inputs`` (by what they are)."""
     from PIL import Image
 
     if out.suffix.lower() not in Image.registered_extensions():
         raise fail(f"--out {out}: not an image file name (PNG, JPEG, ...)")
     paths = generated_image_paths(out, count)
     written = {path.resolve() for path in paths}
-    for given in inputs:
-        if given.resolve() in written:
-            raise fail(f"--out {out}: would overwrite the input image {given}")
+    for what, given in inputs.items():
+        for path in given:
+            if path.resolve() in written:
+                raise fail(f"--out {out}: would overwrite the {what} {path}")
     return paths
 
 
@@ -145,7 +146,8 @@ def generate_command(
     from subjectpairs.training.schedulers import scheduler_class_name
 
     images_in = list(subject_image or [])
-    paths = check_image_out(out, images_in + ([control_image] if control_image else []), num_images)
+    paths = check_image_out(out, {"subject image": images_in, "control image": [control_image] if control_image else []},
+                            num_images)
     weights = parse_floats(subject_weights, "--subject-weights")
     if weights is not None:
         with input_errors():
@@ -218,7 +220,7 @@ def interpolate_command(
 
     if len(subject_image) != 4:
         raise fail(f"{len(subject_image)} --subject-image: the grid takes four corner subjects")
-    check_image_out(out, subject_image)
+    check_image_out(out, {"subject image": subject_image})
     categories = subject_categories(category, subject_image)
     with input_errors():
         build_prompt(prompt, target_category or categories[0])

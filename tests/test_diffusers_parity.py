@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from diffusers import ControlNetModel
 from safetensors.torch import load_file
 
 from typer.testing import CliRunner
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 from subjectpairs.cli import app
 from subjectpairs.training.blip_diffusion import BlipDiffusion
 from subjectpairs.training.config import FinetuneConfig
+from subjectpairs.training.control_images import canny_edges
 from subjectpairs.training.finetune import finetune_into
 from subjectpairs.training.model_folders import SUBJECT_EMBEDDING_FILE
 from subjectpairs.training.pipeline_blip_diffusion import BlipDiffusionPipeline
@@ -193,3 +195,28 @@ def test_an_export_generates_the_same_image_in_diffusers_as_here(model, referenc
     ours = generate_reference(folder, reference)
     assert int(np.abs(ours - theirs).max()) <= GREY_LEVELS
     assert int(np.abs(theirs - reference["generated_uint8"].astype(np.int16)).max()) <= GREY_LEVELS
+
+
+def test_controlnet_generation_gives_diffusers_controlnet_pipelines_image(model, reference, tmp_path):
+    """diffusers' BlipDiffusionControlNetPipeline and the project's pipeline with the same ControlNet and control
+    map (at the output size, which both then take as it is) give one image; the ControlNet, with non-zero
+    output convolutions as after training, changes the image."""
+    controlnet = ControlNetModel.from_unet(model.unet)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.5)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    side = reference["generated_uint8"].shape[0]
+    control = canny_edges(Image.fromarray(reference["reference_image"])).resize((side, side))
+    control.save(tmp_path / "control.png")
+    theirs_file = tmp_path / "theirs.npy"
+    checked = _check_export(FOLDER, "--generate-to", str(theirs_file), "--controlnet", str(tmp_path / "controlnet"),
+                            "--control-image", str(tmp_path / "control.png"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    theirs = np.load(theirs_file).astype(np.int16)
+    pipeline = BlipDiffusionPipeline(model, controlnet=ControlNetModel.from_pretrained(tmp_path / "controlnet"))
+    ours = generate_reference(pipeline, reference, control_image=Image.open(tmp_path / "control.png"))
+    assert int(np.abs(ours - theirs).max()) <= GREY_LEVELS
+    assert int(np.abs(theirs - reference["generated_uint8"].astype(np.int16)).max()) > GREY_LEVELS

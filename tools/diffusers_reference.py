@@ -249,6 +249,26 @@ def generate_reference(pipeline):
                         output_type="np").images[0]
 
 
+def generate_controlled(pipeline, controlnet_folder: Path, control_image: Path):
+    """diffusers' ``BlipDiffusionControlNetPipeline`` on the components of ``pipeline`` and a ControlNet folder,
+    for the reference subject, prompt and seed, following ``control_image`` (H, W, 3 floats in [0, 1])."""
+    import torch
+    from diffusers import BlipDiffusionControlNetPipeline, ControlNetModel
+    from PIL import Image
+
+    controlled = BlipDiffusionControlNetPipeline(
+        **{part: getattr(pipeline, part) for part in ("tokenizer", "text_encoder", "vae", "unet", "scheduler",
+                                                       "qformer", "image_processor")},
+        controlnet=ControlNetModel.from_pretrained(controlnet_folder), ctx_begin_pos=pipeline.config.ctx_begin_pos,
+        mean=pipeline.config.mean, std=pipeline.config.std)
+    controlled.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return controlled(REFERENCE_PROMPT, reference_image(), Image.open(control_image).convert("RGB"),
+                          REFERENCE_CATEGORY, REFERENCE_CATEGORY, guidance_scale=GUIDANCE, height=IMAGE_SIDE,
+                          width=IMAGE_SIDE, num_inference_steps=GENERATION_STEPS,
+                          generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
+
+
 def record_reference(folder: Path) -> None:
     import numpy as np
     import torch
@@ -293,6 +313,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--generate-to", type=Path, metavar="FILE.npy",
                         help="with --check-export: diffusers' image of the reference subject, prompt and seed "
                              "from FOLDER, saved as uint8 (H, W, 3)")
+    parser.add_argument("--controlnet", type=Path, metavar="FOLDER",
+                        help="with --generate-to: generate with diffusers' BlipDiffusionControlNetPipeline and "
+                             "this ControlNet, following --control-image")
+    parser.add_argument("--control-image", type=Path, metavar="IMAGE", help="the control map of --controlnet")
     parser.add_argument("--out", type=Path, default=REFERENCE_FOLDER, help="where the reference folder goes")
     args = parser.parse_args(argv)
     if not _in_parity_venv():
@@ -304,6 +328,8 @@ def main(argv: list[str]) -> int:
         return 0
     if args.generate_to is not None and args.check_export is None:
         parser.error("--generate-to needs --check-export")
+    if (args.controlnet is None) != (args.control_image is None) or (args.controlnet and not args.generate_to):
+        parser.error("--controlnet and --control-image go together, with --generate-to")
     if args.check_export is not None:
         pipeline, problems = load_pipeline(args.check_export.resolve())
         for problem in problems:
@@ -314,7 +340,9 @@ def main(argv: list[str]) -> int:
         if args.generate_to is not None:
             import numpy as np
 
-            np.save(args.generate_to, (generate_reference(pipeline) * 255).round().astype(np.uint8))
+            image = (generate_reference(pipeline) if args.controlnet is None
+                     else generate_controlled(pipeline, args.controlnet.resolve(), args.control_image.resolve()))
+            np.save(args.generate_to, (image * 255).round().astype(np.uint8))
             print(f"generated with diffusers' pipeline -> {args.generate_to}")
         return 0
     build_folder(args.out.resolve())

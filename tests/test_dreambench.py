@@ -178,7 +178,10 @@ def test_a_file_of_something_else_names_every_missing_section(tmp_path):
     ("'a {0} {1} in the jungle'.format(unique_token, class_token),\n'a red {0} {1}'.format(unique_token, class_token)",
      "", "the 'Object Prompts' list has no prompts"),  # a list without templates
     ("'a red {0} {1}'", "'a red {0}'", "the 'Object Prompts' list"),  # a template without the class slot
-], ids=["class-line-without-comma", "empty-class", "list-without-templates", "template-without-class-slot"])
+    ("dog,dog", "../../outside,dog", "subject name '../../outside' is not"),  # would climb out of --out
+    ("dog,dog", "/etc,dog", "subject name '/etc' is not"),
+], ids=["class-line-without-comma", "empty-class", "list-without-templates", "template-without-class-slot",
+        "subject-name-climbing-out", "absolute-subject-name"])
 def test_a_malformed_line_is_an_input_error_naming_it(tmp_path, original, damaged, message):
     assert original in SMALL
     write_bench(tmp_path, SMALL.replace(original, damaged))

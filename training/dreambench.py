@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from subjectpairs.errors import InputError
+from subjectpairs.identifiers import is_sample_key
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 # DreamBooth's live subjects (its dog and cat photos) take the live prompt list, every other class the object one.
@@ -99,6 +100,10 @@ def read_dreambench(root: str | Path) -> DreamBench:
         name, sep, category = line.partition(",")
         if not sep or not name.strip() or not category.strip():
             raise InputError(f"{path}: class line {line!r} is not 'subject_name,class'")
+        if not is_sample_key(name.strip()):
+            # a subject's name becomes folder and file names of the evaluation: nothing that climbs out of it
+            raise InputError(f"{path}: subject name {name.strip()!r} is not 1-200 characters of A-Z a-z 0-9 _ - "
+                             "starting with a letter or digit")
         classes[name.strip()] = category.strip()
     templates = {}
     for section in _SECTIONS[1:]:

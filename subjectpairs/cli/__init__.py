@@ -11,6 +11,7 @@ from subjectpairs.cli.backgrounds import backgrounds_command
 from subjectpairs.cli.build import build_command
 from subjectpairs.cli.common import console
 from subjectpairs.cli.demo import demo_command
+from subjectpairs.cli.edit import edit_command
 from subjectpairs.cli.evaluate import evaluate_command, finetune_command
 from subjectpairs.cli.filter import filter_command
 from subjectpairs.cli.generate import generate_command, interpolate_command
@@ -40,6 +41,7 @@ app.command("train")(train_command)
 app.command("export")(export_command)
 app.command("generate")(generate_command)
 app.command("interpolate")(interpolate_command)
+app.command("edit")(edit_command)
 app.command("finetune")(finetune_command)
 app.command("evaluate")(evaluate_command)
 app.command("latents")(latents_command)

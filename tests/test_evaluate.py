@@ -460,7 +460,14 @@ def _config_of_another_command(tmp_path: Path) -> dict:
     return {}
 
 
+def _corrupt_photo(tmp_path: Path, bench: Path, model: Path) -> dict:
+    folder = shutil.copytree(bench, tmp_path / "corrupt-bench")
+    (folder / "dog" / "02.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return {"--dreambench": folder}
+
+
 BAD_INPUT = {
+    "a corrupt photo": (_corrupt_photo, "02.jpg: cannot read the photo"),
     "unknown subject": (lambda tmp_path, bench, model: {"--subjects": "dog,dogg"}, "no subject 'dogg'"),
     "no prompt file": (_no_prompt_file, "prompts_and_classes.txt: cannot read"),
     "model without model_index.json": (_model_without_index, "a folder without model_index.json"),

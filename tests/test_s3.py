@@ -94,3 +94,36 @@ def test_training_reads_shards_from_and_writes_the_run_to_s3(tmp_path, s3):
     assert s3.exists("corpus/runs/first/base/model_index.json")
     export_run("s3://corpus/runs/first", str(tmp_path / "model"))
     assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_dreambench_evaluation_reads_the_benchmark_from_and_writes_to_s3(tmp_path, s3, tiny_clip, tiny_dino):
+    """The benchmark and the evaluation folder on an object store, fine-tuned mode (whose model folders the
+    workers write there and load back), and a rerun that finds everything done."""
+    from pathlib import Path
+
+    import pandas as pd
+    import ray
+
+    from subjectpairs.training.blip_diffusion import BlipDiffusion
+    from subjectpairs.training.config import EvaluateConfig
+    from subjectpairs.training.evaluation_job import run_evaluation
+
+    bench = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dreambench"
+    if not bench.is_dir():
+        pytest.skip("the shared DreamBench subjects are not beside the checkout")
+    s3.put(str(bench / "prompts_and_classes.txt"), "corpus/dreambench/prompts_and_classes.txt")
+    s3.put(str(bench / "teapot") + "/", "corpus/dreambench/teapot", recursive=True)
+    BlipDiffusion.from_config("tiny", seed=0).save_pretrained(tmp_path / "model")
+    config = EvaluateConfig(model=str(tmp_path / "model"), dreambench="s3://corpus/dreambench",
+                            out="s3://corpus/eval", images_per_prompt=1, steps=2, finetune_steps=1,
+                            clip_model=str(tiny_clip), dino_model=str(tiny_dino))
+    report = run_evaluation(config, progress=False)
+    assert not ray.is_initialized()
+    assert report.generated == 25 and report.summary["mode"] == "fine-tuned"
+    s3.invalidate_cache()
+    assert s3.exists("corpus/eval/finetuned/teapot/subject_embedding.safetensors")
+    assert s3.exists("corpus/eval/images/teapot/24-seed0-0.png")
+    with s3.open("corpus/eval/metrics.parquet", "rb") as stream:
+        assert len(pd.read_parquet(stream)) == 25
+    assert run_evaluation(config, progress=False).generated == 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image, UnidentifiedImageError
 
 from subjectpairs import storage
 from subjectpairs.configfile import CONFIG_FILE, config_yaml, hashed_settings, read_config
@@ -33,7 +34,16 @@ from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 
 from .config import EvaluateConfig
 from .dreambench import BenchSubject, DreamBench, read_dreambench
-from .evaluation import ORACLE_RECORD, RECORDS_FOLDER, EvalUnit, EvaluationWorker, mean_scores, plan_units, read_photos
+from .evaluation import (
+    ORACLE_RECORD,
+    RECORDS_FOLDER,
+    EvalUnit,
+    EvaluationWorker,
+    decode_photos,
+    mean_scores,
+    plan_units,
+    read_photos,
+)
 from .model_folders import check_model_source
 from .paper_figures import FINETUNE_STEPS_MEAN, TABLE1
 
@@ -101,6 +111,11 @@ def check_evaluation(config: EvaluateConfig, dreambench_folder: str) -> tuple[Dr
         if len(subject.photos) < 2:
             raise InputError(f"{subject.name}: one photo; DINO and CLIP-I average over the subject's photos and "
                              "the oracle needs two or more")
+        for photo in subject.photos:  # here, not in a worker once the cluster is up
+            try:
+                decode_photos([photo.read_bytes()])
+            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+                raise InputError(f"{photo}: cannot read the photo ({exc})") from exc
     config_uri = storage.join(config.out, CONFIG_FILE)
     if storage.exists(config_uri):
         earlier = read_config(EvaluateConfig, config_uri)

@@ -89,7 +89,8 @@ def evaluate_command(
         report = run_evaluation(settings)
     summary = report.summary
     paper = summary["paper"]["table1"]
-    console.print(f"{summary['mode']}: {summary['images']} images of {len(summary['subjects'])} subjects "
+    subjects = len(summary["subjects"])
+    console.print(f"{summary['mode']}: {summary['images']} images of {subjects} subject{'s' * (subjects != 1)} "
                   f"({report.generated} made now, {report.seconds:.0f} s) -> {report.out}")
     console.print(f"DINO {summary['dino']:.3f}  CLIP-I {summary['clip_i']:.3f}  CLIP-T {summary['clip_t']:.3f}"
                   f"   (paper: {paper['dino']:.3f} / {paper['clip_i']:.3f} / {paper['clip_t']:.3f}; real images "

@@ -80,9 +80,13 @@ class ImageEncoder(nn.Module):
         self.encoder = Blip2Encoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The ViT's tokens before its last LayerNorm (which BLIP-2's stage 1 trains as ``ln_vision``)."""
         hidden = self.pre_layernorm(self.embeddings(pixel_values))
-        return self.post_layernorm(self.encoder(inputs_embeds=hidden).last_hidden_state)
+        return self.encoder(inputs_embeds=hidden).last_hidden_state
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.tokens(pixel_values))
 
 
 class SubjectQFormer(Blip2PreTrainedModel):

@@ -170,9 +170,7 @@ class QFormerPretraining(nn.Module):
     @torch.no_grad()
     def frozen_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frozen ViT's tokens, before ``ln_vision``."""
-        vision = self.qformer.visual_encoder
-        hidden = vision.pre_layernorm(vision.embeddings(pixel_values))
-        return vision.encoder(inputs_embeds=hidden).last_hidden_state
+        return self.qformer.visual_encoder.tokens(pixel_values)
 
     def ln_vision(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """LAVIS's ``ln_vision`` (trained): the image embeddings that the queries attend to."""

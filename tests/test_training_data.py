@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import json
+import functools
 import shutil
 from pathlib import Path
 
@@ -10,6 +10,7 @@ import torch
 import webdataset as wds
 
 from pair_shards import BOX_COLOUR, FLAT_CATEGORY, SHARD_COUNTS, Dataset, jpeg, write_pair_shards
+from shard_batches import assert_decoding_ignores_order, assert_resumes_exactly, read_epoch, samples_by_key
 from subjectpairs.corpus.layout import LATENT_MEMBER, read_exclude
 from subjectpairs.corpus.reader import ShardInfo, resolve_shards
 from subjectpairs.corpus.writer import write_latent_member
@@ -36,13 +37,6 @@ def reader(shards, **overrides) -> BatchReader:
                 "input_size": INPUT_SIZE, "target_size": TARGET_SIZE, "exclude": frozenset(), "latents": None,
                 "shuffle_buffer": 5, "position": StreamPosition(), **overrides}
     return BatchReader(shards, **settings)
-
-
-def read_epoch(batches: BatchReader) -> list[dict]:
-    read = []
-    while (batch := batches.next_batch()) is not None:
-        read.append(batch)
-    return read
 
 
 def test_resolve_shards_from_manifest_folder_or_tar(dataset, tmp_path):
@@ -135,23 +129,7 @@ def test_two_ranks_two_workers_read_disjoint_keys_without_repeats_or_exclusions(
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resuming_from_a_position_gives_the_same_batches(dataset, num_workers):
     shards = resolve_shards([str(dataset.folder)])
-    uninterrupted = read_epoch(reader(shards, num_workers=num_workers))
-    assert len(uninterrupted) >= 8
-
-    first = reader(shards, num_workers=num_workers)
-    done = 3  # odd, so with two workers the resumed loader starts on logical worker 1
-    for _ in range(done):
-        first.next_batch()
-    saved = json.loads(json.dumps(first.position.to_dict()))
-    resumed = read_epoch(reader(shards, num_workers=num_workers, position=StreamPosition.from_dict(saved)))
-
-    assert len(resumed) == len(uninterrupted) - done
-    for expected, got in zip(uninterrupted[done:], resumed):
-        assert got["keys"] == expected["keys"]
-        assert got["captions"] == expected["captions"]
-        assert (got["worker"], got["position"]) == (expected["worker"], expected["position"])
-        assert torch.equal(got["pixel_values"], expected["pixel_values"])
-        assert torch.equal(got["target"], expected["target"])
+    assert_resumes_exactly(functools.partial(reader, shards, num_workers=num_workers))
 
 
 def test_next_epoch_reshuffles(dataset):
@@ -262,25 +240,13 @@ def stream_samples(shards, **overrides) -> dict[str, dict]:
     """Every sample a single in-process stream yields, by key."""
     settings = {"rank": 0, "world_size": 1, "num_workers": 0, "batch_size": 4, "seed": 7, "epoch": 0,
                 "input_size": INPUT_SIZE, "target_size": TARGET_SIZE, "shuffle_buffer": 8, **overrides}
-    samples = {}
-    for batch in PairStream(shards, **settings):
-        if "end" in batch:
-            continue
-        for i, key in enumerate(batch["keys"]):
-            samples[key] = {name: batch[name][i]
-                            for name in ("pixel_values", "target", "captions", "categories")}
-    return samples
+    fields = ("pixel_values", "target", "captions", "categories")
+    return samples_by_key(PairStream(shards, **settings), fields)
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_key(dataset):
     shards = resolve_shards([str(dataset.folder)])
-    base = stream_samples(shards)
-    reordered = stream_samples(shards, shuffle_buffer=1, batch_size=5)  # other positions, other batches
-    common = set(base) & set(reordered)
-    assert len(common) >= 40
-    for key in common:
-        assert torch.equal(base[key]["pixel_values"], reordered[key]["pixel_values"])
-        assert base[key]["captions"] == reordered[key]["captions"]
+    base = assert_decoding_ignores_order(functools.partial(stream_samples, shards), at_least=40)
 
     # Tiny boxes leave the crop few choices (the rocket's is too elongated for any but the centred one),
     # so not every key changes; the flat photo looks the same under any crop.

@@ -1,5 +1,8 @@
 """The trainer's streaming data loader: pair shards in, decoded and augmented batches out.
 
+The machinery (:class:`ShardStream`, :class:`ShardBatchReader`) serves any tar shards: a subclass says
+which members a sample is read with and how it is decoded and collated (stage 1's image-text loader is one).
+
 Each rank splits the shards into ``num_workers`` streams (:func:`plan_streams`), one per DataLoader
 worker. A stream reads its shards in order, drops excluded keys, passes the raw (undecoded) samples
 through a seeded shuffle buffer, decodes and augments them (each sample's randomness comes from
@@ -27,7 +30,7 @@ import math
 import posixpath
 import random
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -146,52 +149,43 @@ class _StreamCounts:
     corrupt: int = 0
     bad_shards: list[str] = field(default_factory=list)
 
+    def report(self) -> dict[str, Any]:
+        """What a batch or a stream's end record carries of them (a copy: the counting goes on)."""
+        return {"corrupt": self.corrupt, "bad_shards": list(self.bad_shards)}
 
-class PairStream(IterableDataset):
-    """One rank's batches; under a DataLoader each worker plays one logical worker's stream.
+
+class ShardStream(IterableDataset):
+    """One rank's batches of some kind of shard; under a DataLoader each worker plays one logical worker's
+    stream. A subclass names the tar ``members`` a sample needs and says how a raw sample is decoded
+    (:meth:`_decode`) and a batch of decoded samples collated (:meth:`_collate`).
 
     Worker slot ``s`` (the torch worker id, 0 in process) plays logical worker
     ``(s + rotation) % workers``, skipping the first ``skip[w]`` raw samples of its stream undecoded.
-    Batches are dicts: ``keys``, ``pixel_values`` (B, 3, input_size, input_size; the subject box, randomly
-    cropped, flipped, CLIP-normalized), ``target`` (B, 3, target_size, target_size in [-1, 1]) or, with
-    ``latents``, ``latents`` (B, 8, target_size // 8, target_size // 8), ``captions``, ``categories``,
-    ``worker`` (the logical worker), ``position`` (raw samples it consumed after this batch, skipped ones
-    included), ``corrupt`` (corrupt samples it skipped) and ``bad_shards`` (shards that failed to open or
-    broke off). A partial last batch is dropped; the stream ends with ``{"end": True, "worker", "corrupt",
-    "bad_shards"}``.
+    Each sample is decoded with a generator seeded by ``(seed, epoch, key)``; one that fails to decode is
+    skipped and counted. A batch is the subclass's collated fields plus ``keys``, ``worker`` (the logical
+    worker), ``position`` (raw samples it consumed after this batch, skipped ones included), ``corrupt``
+    (corrupt samples it skipped) and ``bad_shards`` (shards that failed to open or broke off). A partial
+    last batch is dropped; the stream ends with ``{"end": True, "worker", "corrupt", "bad_shards"}``.
     """
+
+    members: frozenset[str]  # the tar members a sample is read with; the others are skipped unread
 
     def __init__(
         self, shards: list[ShardInfo], *, rank: int, world_size: int, num_workers: int, batch_size: int,
-        seed: int, epoch: int, input_size: int = 224, target_size: int = 512,
-        exclude: frozenset[str] = frozenset(), latents: list[ShardInfo] | None = None,
-        shuffle_buffer: int = 1000, skip: list[int] | None = None, rotation: int = 0,
+        seed: int, epoch: int, exclude: frozenset[str] = frozenset(), shuffle_buffer: int = 1000,
+        skip: list[int] | None = None, rotation: int = 0,
     ) -> None:
         super().__init__()
         self.workers = max(num_workers, 1)
         if skip is not None and len(skip) != self.workers:
             raise ValueError(f"skip has {len(skip)} entries for {self.workers} workers")
-        if latents is not None and target_size % LATENT_DOWNSCALE:
-            raise ValueError(f"target_size {target_size} is not a multiple of {LATENT_DOWNSCALE}")
         self.streams = plan_streams(shards, rank=rank, world_size=world_size, num_workers=num_workers,
                                     seed=seed, epoch=epoch, exclude=exclude)
-        self.rank, self.seed, self.epoch = rank, seed, epoch
-        self.batch_size, self.input_size, self.target_size = batch_size, input_size, target_size
+        self.rank, self.seed, self.epoch, self.batch_size = rank, seed, epoch, batch_size
         self.exclude = exclude
-        self.latents = None if latents is None else {posixpath.basename(s.uri): s for s in latents}
         self.shuffle_buffer = shuffle_buffer
         self.skip = list(skip) if skip is not None else [0] * self.workers
         self.rotation = rotation
-        # Only the members a batch needs are read out of the tar; alpha, trimap (and the target when
-        # latents stand in for it) are skipped over.
-        self.members = frozenset({INPUT_MEMBER, META_MEMBER, TARGET_MEMBER} if latents is None
-                                 else {INPUT_MEMBER, META_MEMBER})
-        if self.latents is not None:
-            missing = [s.uri for stream in self.streams for s in stream
-                       if posixpath.basename(s.uri) not in self.latents]
-            if missing:
-                log.warning("%d shards have no latent shard (their samples will be skipped): %s",
-                            len(missing), ", ".join(missing[:5]))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -204,16 +198,20 @@ class PairStream(IterableDataset):
         for sample in samples:
             position += 1
             try:
-                batch.append(self._decode(sample))
+                # a bad key also names bad member files
+                key = check_sample_key(sample["__key__"], "sample key")
+                rng = np.random.default_rng(stable_seed("sample", self.seed, self.epoch, key))
+                batch.append({"key": key, **self._decode(sample, rng)})
             except Exception as exc:  # PIL, json and numpy raise many types for a bad member
                 counts.corrupt += 1
                 log.warning("%s: corrupt sample skipped (%s: %s)", sample["__key__"], type(exc).__name__, exc)
                 continue
             if len(batch) == self.batch_size:
-                yield self._collate(batch, worker, position, counts)
+                yield {"keys": [s["key"] for s in batch], **self._collate(batch), "worker": worker,
+                       "position": position, **counts.report()}
                 batch = []
         # The stream's last word, in its turn: the samples skipped after its last full batch count too.
-        yield {"end": True, "worker": worker, "corrupt": counts.corrupt, "bad_shards": list(counts.bad_shards)}
+        yield {"end": True, "worker": worker, **counts.report()}
 
     def _shuffled(self, worker: int, counts: _StreamCounts) -> Iterator[dict[str, Any]]:
         rng = random.Random(stable_seed("shuffle", self.seed, self.epoch, self.rank, worker))
@@ -221,21 +219,67 @@ class PairStream(IterableDataset):
 
     def _raw(self, worker: int, counts: _StreamCounts) -> Iterator[dict[str, Any]]:
         for shard in self.streams[worker]:
-            samples = _shard_samples(shard.uri, self.members, shard.samples, counts)
-            if self.latents is not None:
-                latent_shard = self.latents.get(posixpath.basename(shard.uri))
-                latents = (_shard_samples(latent_shard.uri, frozenset({LATENT_MEMBER}), None, counts)
-                           if latent_shard is not None else iter(()))
-                samples = _with_latents(samples, latents)
-            # Excluded keys go after the latent merge, which walks both shards in step.
+            samples = self._shard_raw(shard, counts)
             yield from (sample for sample in samples if sample["__key__"] not in self.exclude)
 
-    def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
-        key = check_sample_key(sample["__key__"], "sample key")  # a bad key also names bad member files
+    def _shard_raw(self, shard: ShardInfo, counts: _StreamCounts) -> Iterator[dict[str, Any]]:
+        """A shard's raw samples, before the exclusions."""
+        return _shard_samples(shard.uri, self.members, shard.samples, counts)
+
+    def _decode(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """A raw sample's fields for :meth:`_collate`, its randomness drawn from ``rng``; raises when the
+        sample is corrupt."""
+        raise NotImplementedError
+
+    def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch's fields (but its keys and bookkeeping) from the decoded samples."""
+        raise NotImplementedError
+
+
+class PairStream(ShardStream):
+    """One rank's pair batches (see :class:`ShardStream`): ``pixel_values`` (B, 3, input_size, input_size;
+    the subject box, randomly cropped, flipped, CLIP-normalized), ``target`` (B, 3, target_size,
+    target_size in [-1, 1]) or, with ``latents``, ``latents`` (B, 8, target_size // 8, target_size // 8),
+    ``captions`` and ``categories``.
+    """
+
+    def __init__(
+        self, shards: list[ShardInfo], *, rank: int, world_size: int, num_workers: int, batch_size: int,
+        seed: int, epoch: int, input_size: int = 224, target_size: int = 512,
+        exclude: frozenset[str] = frozenset(), latents: list[ShardInfo] | None = None,
+        shuffle_buffer: int = 1000, skip: list[int] | None = None, rotation: int = 0,
+    ) -> None:
+        if latents is not None and target_size % LATENT_DOWNSCALE:
+            raise ValueError(f"target_size {target_size} is not a multiple of {LATENT_DOWNSCALE}")
+        super().__init__(shards, rank=rank, world_size=world_size, num_workers=num_workers,
+                         batch_size=batch_size, seed=seed, epoch=epoch, exclude=exclude,
+                         shuffle_buffer=shuffle_buffer, skip=skip, rotation=rotation)
+        self.input_size, self.target_size = input_size, target_size
+        self.latents = None if latents is None else {posixpath.basename(s.uri): s for s in latents}
+        # Only the members a batch needs are read out of the tar; alpha, trimap (and the target when
+        # latents stand in for it) are skipped over.
+        self.members = frozenset({INPUT_MEMBER, META_MEMBER, TARGET_MEMBER} if latents is None
+                                 else {INPUT_MEMBER, META_MEMBER})
+        if self.latents is not None:
+            missing = [s.uri for stream in self.streams for s in stream
+                       if posixpath.basename(s.uri) not in self.latents]
+            if missing:
+                log.warning("%d shards have no latent shard (their samples will be skipped): %s",
+                            len(missing), ", ".join(missing[:5]))
+
+    def _shard_raw(self, shard: ShardInfo, counts: _StreamCounts) -> Iterator[dict[str, Any]]:
+        samples = super()._shard_raw(shard, counts)
+        if self.latents is None:
+            return samples
+        # The latent merge walks both shards in step, so the exclusions come after it.
+        latent_shard = self.latents.get(posixpath.basename(shard.uri))
+        latents = (_shard_samples(latent_shard.uri, frozenset({LATENT_MEMBER}), None, counts)
+                   if latent_shard is not None else iter(()))
+        return _with_latents(samples, latents)
+
+    def _decode(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         meta = json.loads(sample[META_MEMBER])
-        rng = np.random.default_rng(stable_seed("sample", self.seed, self.epoch, key))
         decoded = {
-            "key": key,
             "pixel_values": subject_pixels(sample[INPUT_MEMBER], meta["box"], self.input_size, rng),
             "caption": _pick_caption(meta, rng),
             "category": str(meta["category"]),
@@ -246,27 +290,21 @@ class PairStream(IterableDataset):
             decoded["latents"] = decode_latent(sample[LATENT_MEMBER], self.target_size)
         return decoded
 
-    def _collate(self, batch: list[dict[str, Any]], worker: int, position: int,
-                 counts: _StreamCounts) -> dict[str, Any]:
-        collated: dict[str, Any] = {
-            "keys": [s["key"] for s in batch],
+    def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        image_key = "target" if self.latents is None else "latents"
+        return {
             "pixel_values": default_collate([s["pixel_values"] for s in batch]),
             "captions": [s["caption"] for s in batch],
             "categories": [s["category"] for s in batch],
-            "worker": worker,
-            "position": position,
-            "corrupt": counts.corrupt,
-            "bad_shards": list(counts.bad_shards),
+            image_key: default_collate([s[image_key] for s in batch]),
         }
-        image_key = "target" if self.latents is None else "latents"
-        collated[image_key] = default_collate([s[image_key] for s in batch])
-        return collated
 
 
 def _shard_samples(uri: str, members: frozenset[str], expected: int | None,
                    counts: _StreamCounts) -> Iterator[dict[str, Any]]:
     """:func:`iter_shard`, never fatal: a shard that does not open, breaks off, or holds fewer samples than
-    its manifest says is logged and counted; the samples read before still count."""
+    its listing (a manifest, img2dataset's stats) says is logged and counted; the samples read before still
+    count."""
     read = 0
     try:
         for sample in iter_shard(uri, members):
@@ -278,7 +316,7 @@ def _shard_samples(uri: str, members: frozenset[str], expected: int | None,
         return
     if expected is not None and read < expected:
         counts.bad_shards.append(uri)
-        log.warning("%s: %d samples, the manifest says %d (truncated?)", uri, read, expected)
+        log.warning("%s: %d samples, its listing says %d (truncated?)", uri, read, expected)
 
 
 def _with_latents(
@@ -300,12 +338,20 @@ def _pick_caption(meta: dict[str, Any], rng: np.random.Generator) -> str:
 
 
 def subject_pixels(data: bytes, box: list[float], size: int, rng: np.random.Generator) -> np.ndarray:
-    """The composite cropped to the subject box (normalized [xmin, xmax, ymin, ymax]), then a random
-    resized crop, bicubic to ``size`` square, a coin-flip mirror and CLIP normalization: (3, size, size)."""
+    """The composite cropped to the subject box (normalized [xmin, xmax, ymin, ymax]), then
+    :func:`augmented_pixels` with scale 0.9-1.0: (3, size, size)."""
     image = Image.open(io.BytesIO(data))
     width, height = image.size  # from the header: crops are planned at full size, before any draft
-    left, top, right, bottom = _box_pixels(box, width, height)
-    x, y, w, h = random_resized_crop(right - left, bottom - top, rng)
+    return augmented_pixels(image, _box_pixels(box, width, height), size, rng, CROP_SCALE)
+
+
+def augmented_pixels(image: Image.Image, region: tuple[int, int, int, int], size: int,
+                     rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
+    """A random resized crop (area ``scale`` of ``region``, the (left, top, right, bottom) pixels of the
+    opened, not yet decoded ``image``), bicubic to ``size`` square, a coin-flip mirror and CLIP
+    normalization: (3, size, size)."""
+    left, top, right, bottom = region
+    x, y, w, h = random_resized_crop(right - left, bottom - top, rng, scale)
     image, crop = _decode_for_crop(image, (left + x, top + y, left + x + w, top + y + h), size)
     resized = image.resize((size, size), Image.Resampling.BICUBIC, box=crop)
     if rng.random() < 0.5:
@@ -349,13 +395,14 @@ def _box_pixels(box: list[float], width: int, height: int) -> tuple[int, int, in
     return left, top, right, bottom
 
 
-def random_resized_crop(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """torchvision's ``RandomResizedCrop.get_params`` with scale 0.9-1.0 and ratio 3/4-4/3, drawn from
+def random_resized_crop(width: int, height: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = CROP_SCALE) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` with ``scale`` and ratio 3/4-4/3, drawn from
     ``rng``: (x, y, w, h) within a ``width`` x ``height`` image."""
     area = width * height
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
     for _ in range(CROP_ATTEMPTS):
-        target_area = area * rng.uniform(*CROP_SCALE)
+        target_area = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
         w = round(math.sqrt(target_area * aspect))
         h = round(math.sqrt(target_area / aspect))
@@ -382,21 +429,18 @@ def _decode_for_crop(image: Image.Image, crop: tuple[float, float, float, float]
     return image.convert("RGB"), tuple(c * scale for c in crop)
 
 
-class BatchReader:
+class ShardBatchReader:
     """One rank's batches in strict cyclic order of logical workers 0, 1, .., W-1, 0, .. from a DataLoader
-    (``batch_size=None``, ``num_workers=W``; in process when ``num_workers`` is 0, W taken as 1).
+    (``batch_size=None``, ``num_workers=W``; in process when ``num_workers`` is 0, W taken as 1) over the
+    :class:`ShardStream` that ``stream`` makes when given ``epoch``, ``skip`` and ``rotation``.
 
     ``position`` (from a checkpoint) resumes exactly: each stream skips the raw samples it had consumed,
     and the DataLoader's first slot plays the logical worker that comes next (rotation
     ``batches % W``). Resuming needs the same shards, exclusions, seed, world size and ``num_workers``.
     """
 
-    def __init__(
-        self, shards: list[ShardInfo], *, rank: int, world_size: int, num_workers: int, batch_size: int,
-        seed: int, input_size: int = 224, target_size: int = 512, exclude: frozenset[str] = frozenset(),
-        latents: list[ShardInfo] | None = None, shuffle_buffer: int = 1000,
-        position: StreamPosition | None = None, prefetch_factor: int = 2,
-    ) -> None:
+    def __init__(self, stream: Callable[..., ShardStream], *, num_workers: int, seed: int,
+                 position: StreamPosition | None = None, prefetch_factor: int = 2) -> None:
         self.workers = max(num_workers, 1)
         start = position or StreamPosition()
         # A copy: the caller's checkpoint object stays as it was.
@@ -405,12 +449,7 @@ class BatchReader:
         if len(self.position.raw) != self.workers:
             raise ValueError(f"the position has {len(self.position.raw)} workers' counts, the reader "
                              f"{self.workers}: resume with the same num_workers")
-        # Everything of the streams but the epoch and the place to resume from, which change.
-        self._stream = functools.partial(
-            PairStream, shards, rank=rank, world_size=world_size, num_workers=num_workers,
-            batch_size=batch_size, seed=seed, input_size=input_size, target_size=target_size,
-            exclude=exclude, latents=latents, shuffle_buffer=shuffle_buffer,
-        )
+        self._stream, self._seed = stream, seed
         self._num_workers, self._prefetch_factor = num_workers, prefetch_factor
         self._batches: Iterator[dict[str, Any]] | None = self._open()
 
@@ -422,7 +461,7 @@ class BatchReader:
         # which the trainer checkpoints, so opening the loader at resume time would shift the noise.
         loader = DataLoader(stream, batch_size=None, num_workers=self._num_workers,
                             prefetch_factor=self._prefetch_factor if self._num_workers else None,
-                            generator=torch.Generator().manual_seed(stable_seed(self._stream.keywords["seed"], "loader")))
+                            generator=torch.Generator().manual_seed(stable_seed(self._seed, "loader")))
         return iter(loader)
 
     def next_batch(self) -> dict[str, Any] | None:
@@ -453,3 +492,22 @@ class BatchReader:
         self.position.batches = 0
         self.position.raw = [0] * self.workers
         self._batches = self._open()
+
+
+class BatchReader(ShardBatchReader):
+    """A :class:`ShardBatchReader` of pair shards (:class:`PairStream`)."""
+
+    def __init__(
+        self, shards: list[ShardInfo], *, rank: int, world_size: int, num_workers: int, batch_size: int,
+        seed: int, input_size: int = 224, target_size: int = 512, exclude: frozenset[str] = frozenset(),
+        latents: list[ShardInfo] | None = None, shuffle_buffer: int = 1000,
+        position: StreamPosition | None = None, prefetch_factor: int = 2,
+    ) -> None:
+        # Everything of the streams but the epoch and the place to resume from, which change.
+        stream = functools.partial(
+            PairStream, shards, rank=rank, world_size=world_size, num_workers=num_workers,
+            batch_size=batch_size, seed=seed, input_size=input_size, target_size=target_size,
+            exclude=exclude, latents=latents, shuffle_buffer=shuffle_buffer,
+        )
+        super().__init__(stream, num_workers=num_workers, seed=seed, position=position,
+                         prefetch_factor=prefetch_factor)

@@ -377,7 +377,7 @@ def test_fine_tuned_mode_tunes_each_subject_and_generates_from_its_embedding(tmp
     result = runner.invoke(app, evaluate_args(model_folder, out, metric_flags, "--subjects", "teapot",
                                               "--images-per-prompt", "1", "--steps", "2", "--finetune-steps", "2"))
     assert result.exit_code == 0, result.output
-    assert "fine-tuned: 25 images of 1 subjects" in result.output
+    assert "fine-tuned: 25 images of 1 subject (" in result.output
     assert "paper: 0.670 / 0.805 / 0.302" in result.output
     tuned = out / "finetuned" / "teapot"
     assert (tuned / "subject_embedding.safetensors").is_file() and (tuned / "model_index.json").is_file()

@@ -40,10 +40,10 @@ from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 
 from .blip_diffusion import BlipDiffusion
 from .config import FinetuneConfig
+from .dreambench import PHOTO_SUFFIXES
 from .model_folders import SUBJECT_EMBEDDING_FILE, check_model_source, save_subject_embedding
 from .pipeline_blip_diffusion import BlipDiffusionPipeline
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 METRICS_FILE = "metrics.jsonl"
 VALIDATION_FOLDER = "validation"
 # AdamW as LAVIS's runner builds it
@@ -84,7 +84,7 @@ def read_subject_photos(folder: str) -> list[tuple[str, Image.Image]]:
     """Every photo in ``folder`` (a path or URI), by name; one that cannot be read is an InputError naming it."""
     if not storage.is_dir(folder):
         raise InputError(f"--subject-dir {folder}: not a folder")
-    uris = [uri for uri in storage.list_files(folder, PHOTO_SUFFIXES)]
+    uris = storage.list_files(folder, PHOTO_SUFFIXES)
     if not uris:
         raise InputError(f"--subject-dir {folder}: no photos ({', '.join(PHOTO_SUFFIXES)})")
     photos = []

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from subjectpairs.cli.common import console, fail, input_errors
+from subjectpairs.cli.generate import cached_subject, check_image_out, read_image
 from subjectpairs.training.inference_defaults import (
     CROSS_REPLACE_STEPS,
     GUIDANCE_SCALE,
@@ -23,17 +24,6 @@ def edit_output_paths(out: Path) -> dict[str, Path]:
     (where the edit was kept) and ``STEM-attention.png`` (the edit word's attention map)."""
     beside = {kind: out.with_name(f"{out.stem}-{kind}.png") for kind in ("source", "mask", "attention")}
     return {"edited": out, **beside}
-
-
-def _open_image(path: Path, flag: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise fail(f"{flag} {path}: cannot read the image ({exc})") from exc
-    return image
 
 
 def edit_command(
@@ -80,10 +70,8 @@ def edit_command(
     """Subject-driven editing as BLIP-Diffusion's authors do it: the subject takes the place of --edit-word in an
     image of --source-prompt, generated or a real photo, and the rest of the image stays as it was."""
     import torch
-    from PIL import Image
 
     from subjectpairs.devices import resolve_device
-    from subjectpairs.training.model_folders import load_subject_embedding
     from subjectpairs.training.pipeline_blip_diffusion_edit import (
         BlipDiffusionEditPipeline,
         build_edit_prompts,
@@ -91,27 +79,20 @@ def edit_command(
     )
 
     paths = edit_output_paths(out)
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise fail(f"--out {out}: not an image file name (PNG, JPEG, ...)")
-    written = {path.resolve() for path in paths.values()}
-    for flag, given in (("--subject-image", subject_image), ("--image", image)):
-        if given is not None and given.resolve() in written:
-            raise fail(f"--out {out}: would overwrite the {flag} file {given}")
+    check_image_out(out, list(paths.values()), {f"{flag} file": [given] for flag, given in
+                                                (("--subject-image", subject_image), ("--image", image))
+                                                if given is not None})
     cached = None
     if subject_image is None:
-        with input_errors():
-            cached = load_subject_embedding(model)
-        if cached is None:
-            raise fail(f"--subject-image is needed: {model} holds no cached subject embedding "
-                       "(a folder made by `subjectpairs finetune` does)")
+        cached = cached_subject(model)
         category = category or cached[1]
     if not category:
         raise fail("--category is needed with --subject-image")
     with input_errors():
         build_edit_prompts(source_prompt, edit_word, target_category or category)
         check_edit_options(steps, inversion_steps, cross_replace, self_replace, threshold)
-    subject = _open_image(subject_image, "--subject-image") if subject_image is not None else None
-    photo = _open_image(image, "--image") if image is not None else None
+    subject = read_image(subject_image, "image", "--subject-image") if subject_image is not None else None
+    photo = read_image(image, "image", "--image") if image is not None else None
     try:
         with input_errors():
             pipeline = BlipDiffusionEditPipeline.from_pretrained(model, qformer_tokenizer=qformer_tokenizer,

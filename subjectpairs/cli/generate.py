@@ -26,30 +26,43 @@ def generated_image_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{index}{out.suffix}") for index in range(count)]
 
 
-def check_image_out(out: Path, inputs: dict[str, list[Path]], count: int = 1) -> list[Path]:
-    """The files ``out`` names: an image file name, none of them one of the ``inputs`` (by what they are)."""
+def check_image_out(out: Path, written: list[Path], inputs: dict[str, list[Path]]) -> None:
+    """``out`` is an image file name and none of the files written from it (``written``) is one of the
+    ``inputs`` (named by what they are)."""
     from PIL import Image
 
     if out.suffix.lower() not in Image.registered_extensions():
         raise fail(f"--out {out}: not an image file name (PNG, JPEG, ...)")
-    paths = generated_image_paths(out, count)
-    written = {path.resolve() for path in paths}
+    resolved = {path.resolve() for path in written}
     for what, given in inputs.items():
         for path in given:
-            if path.resolve() in written:
+            if path.resolve() in resolved:
                 raise fail(f"--out {out}: would overwrite the {what} {path}")
-    return paths
 
 
-def read_image(path: Path, what: str):
+def read_image(path: Path, what: str, flag: str | None = None):
+    """The image at ``path``; one that cannot be read ends the command, naming ``flag`` and ``what``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(path)
         image.load()
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise fail(f"{path}: cannot read the {what} ({exc})") from exc
+        raise fail(f"{f'{flag} ' if flag else ''}{path}: cannot read the {what} ({exc})") from exc
     return image
+
+
+def cached_subject(model: str):
+    """A fine-tuned folder's cached subject embedding and its category, for a command given no subject image;
+    a model without one ends the command."""
+    from subjectpairs.training.model_folders import load_subject_embedding
+
+    with input_errors():
+        cached = load_subject_embedding(model)
+    if cached is None:
+        raise fail(f"--subject-image is needed: {model} holds no cached subject embedding "
+                   "(a folder made by `subjectpairs finetune` does)")
+    return cached
 
 
 def parse_floats(text: str | None, flag: str) -> list[float] | None:
@@ -140,14 +153,14 @@ def generate_command(
     import torch
 
     from subjectpairs.training.control_images import control_map
-    from subjectpairs.training.model_folders import check_model_source, load_subject_embedding
+    from subjectpairs.training.model_folders import check_model_source
     from subjectpairs.training.pipeline_blip_diffusion import build_prompt
     from subjectpairs.training.pipeline_blip_diffusion import subject_weights as check_subject_weights
     from subjectpairs.training.schedulers import scheduler_class_name
 
     images_in = list(subject_image or [])
-    paths = check_image_out(out, {"subject image": images_in, "control image": [control_image] if control_image else []},
-                            num_images)
+    paths = generated_image_paths(out, num_images)
+    check_image_out(out, paths, {"subject image": images_in, "control image": [control_image] if control_image else []})
     weights = parse_floats(subject_weights, "--subject-weights")
     if weights is not None:
         with input_errors():
@@ -161,11 +174,7 @@ def generate_command(
         raise fail(f"--canny-thresholds {canny_thresholds}: two numbers, low,high")
     cached = None
     if not images_in:
-        with input_errors():
-            cached = load_subject_embedding(model)
-        if cached is None:
-            raise fail(f"--subject-image is needed: {model} holds no cached subject embedding "
-                       "(a folder made by `subjectpairs finetune` does)")
+        cached = cached_subject(model)
         categories = list(category or [cached[1]])
     else:
         categories = subject_categories(category, images_in)
@@ -220,7 +229,7 @@ def interpolate_command(
 
     if len(subject_image) != 4:
         raise fail(f"{len(subject_image)} --subject-image: the grid takes four corner subjects")
-    check_image_out(out, {"subject image": subject_image})
+    check_image_out(out, [out], {"subject image": subject_image})
     categories = subject_categories(category, subject_image)
     with input_errors():
         build_prompt(prompt, target_category or categories[0])

@@ -30,7 +30,7 @@ def test_a_trainer_steps_and_resumes_from_its_checkpoint_exactly(tmp_path):
     trainer = Trainer(config, model, CPU)
     start = {name: tensor.clone() for name, tensor in model.trainable_state_dict().items()}
     reader = batches(shards, model, StreamPosition())
-    losses = [float(trainer.train_step(reader.next_batch())) for _ in range(2)]
+    losses = [float(trainer.train_step(reader.next_batch())["loss"]) for _ in range(2)]
     assert trainer.step == 2 and all(loss > 0 for loss in losses)
     changed = [name for name, tensor in model.trainable_state_dict().items() if not torch.equal(tensor, start[name])]
     assert changed  # the optimizer moved the weights
@@ -38,13 +38,13 @@ def test_a_trainer_steps_and_resumes_from_its_checkpoint_exactly(tmp_path):
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     trainer.save(str(folder), rank=0, position=reader.position.to_dict(), epoch=0, run_hash="x")
-    going_on = float(trainer.train_step(reader.next_batch()))
+    going_on = float(trainer.train_step(reader.next_batch())["loss"])
 
     torch.manual_seed(123)  # whatever the streams were, the checkpoint's come back
     resumed = Trainer(config, BlipDiffusion.from_config("tiny", seed=0).train(), CPU)
     position = StreamPosition.from_dict(resumed.restore(str(folder), rank=0))
     assert resumed.step == 2
-    again = float(resumed.train_step(batches(shards, resumed.model, position).next_batch()))
+    again = float(resumed.train_step(batches(shards, resumed.model, position).next_batch())["loss"])
     assert again == going_on
     for name, tensor in resumed.model.trainable_state_dict().items():
         assert torch.equal(tensor, model.trainable_state_dict()[name]), name

@@ -188,7 +188,7 @@ def test_a_start_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_
     run.mkdir()
     (run / "notes.txt").write_text("mine")
 
-    def fails(config, resumed_from, progress):
+    def fails(config, loop, resumed_from, progress):
         (run / "metrics.jsonl").write_text('{"step": 1}\n')
         raise RuntimeError("the workers failed")
 

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from torch import nn
 from transformers import BertTokenizer, CLIPTokenizer
 
 from .loss import DROP_SUBJECT_PROB, pretraining_loss
@@ -31,6 +30,7 @@ from .model_folders import (
     load_qformer_tokenizer,
     qformer_subfolder,
     read_json_file,
+    save_qformer_folder,
     save_vocabulary_files,
     write_weights_as_released,
 )
@@ -39,6 +39,7 @@ from .qformer import SubjectQFormer
 from .schedulers import build_scheduler
 from .text_encoder import ContextCLIPTextModel
 from .tiny_tokenizers import tiny_bert_tokenizer, tiny_clip_tokenizer
+from .trainable_weights import TrainableWeights
 
 # The Q-Former reads at most this many tokens of the subject's category.
 SUBJECT_TEXT_TOKENS = 16
@@ -47,7 +48,7 @@ SUBJECT_TEXT_TOKENS = 16
 CTX_BEGIN_POS = 2
 
 
-class BlipDiffusion(nn.Module):
+class BlipDiffusion(TrainableWeights):
     """The whole model. Trainable: the Q-Former (without its image encoder), the text encoder and the
     UNet; frozen: the image encoder and the VAE (see ``freeze``)."""
 
@@ -129,12 +130,10 @@ class BlipDiffusion(nn.Module):
         slow tokenizer classes read no ``tokenizer.json``), and the Q-Former's tokenizer saved beside it and
         named in ``qformer/config.json`` (``"tokenizer": "qformer"``; see :func:`load_qformer_tokenizer`)."""
         folder = Path(folder)
-        self.qformer.save_pretrained(folder / "qformer")
-        write_weights_as_released(folder / "qformer", "", self.qformer.embeddings.position_ids)
+        save_qformer_folder(self.qformer, self.qformer_tokenizer, folder / "qformer")
         config_file = folder / "qformer" / "config.json"
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tokenizer": EXPORT_QFORMER_TOKENIZER},
                                           indent=2, sort_keys=True))
-        save_vocabulary_files(self.qformer_tokenizer, folder / "qformer")
         self.text_encoder.save_pretrained(folder / "text_encoder")
         write_weights_as_released(folder / "text_encoder", "text_model.", self.text_encoder.embeddings.position_ids)
         save_vocabulary_files(self.tokenizer, folder / "tokenizer")
@@ -167,16 +166,6 @@ class BlipDiffusion(nn.Module):
         super().train(mode)
         self.freeze()  # the frozen parts always run as at inference
         return self
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {name for name, p in self.named_parameters() if p.requires_grad}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"trainable weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-        self.load_state_dict(state, strict=False)
 
     @property
     def input_size(self) -> int:

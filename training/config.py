@@ -13,46 +13,71 @@ from subjectpairs import storage
 from subjectpairs.configfile import RUN_ONLY, hashed_settings
 
 
-class TrainConfig(BaseModel):
-    """One training run. Fields marked RUN_ONLY may change between a run and its resumption: where and how
-    long it runs, not what it computes; the others make the run hash."""
+class RayTrainRunConfig(BaseModel):
+    """What every Ray Train run (``train``, ``pretrain-qformer``) shares: the run folder, the workers, the
+    batch plan, checkpoints and resumption. Fields marked RUN_ONLY may change between a run and its
+    resumption: where and how long it runs, not what it computes; the others make the run hash."""
 
     model_config = ConfigDict(extra="forbid")
 
-    shards: list[str] = Field(min_length=1, description="pair shard folders/prefixes (with manifest.json) or .tar URIs")
     out: str = Field(json_schema_extra=RUN_ONLY)
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
+    gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
+    cpus_per_worker: float = Field(1, gt=0, json_schema_extra=RUN_ONLY)
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per worker (0: in the training process)")
+    max_steps: int = Field(1000, ge=0, json_schema_extra=RUN_ONLY)
+    seed: int = 0
+    shuffle_buffer: int = Field(1000, ge=1)
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on GPU only")
+    checkpoint_every: int = Field(500, ge=1, json_schema_extra=RUN_ONLY)
+    keep_checkpoints: int = Field(3, ge=1, json_schema_extra=RUN_ONLY)
+    log_every: int = Field(1, ge=1, json_schema_extra=RUN_ONLY)
+    max_failures: int = Field(0, ge=0, description="worker failures to recover from the last checkpoint",
+                              json_schema_extra=RUN_ONLY)
+    address: str | None = Field(None, json_schema_extra=RUN_ONLY)
+    resume: bool = Field(False, json_schema_extra=RUN_ONLY)
+
+    def run_hash(self) -> str:
+        """SHA-256 of the settings that decide the run's numbers; a resumption must match it."""
+        return hashlib.sha256(json.dumps(hashed_settings(self), sort_keys=True).encode()).hexdigest()
+
+
+def _source(value: str | None) -> str | None:
+    """A model source made absolute when it is a local path; a hub id as it is."""
+    return storage.absolute(value) if value is not None and Path(value).expanduser().exists() else value
+
+
+def _path(value: str | None) -> str | None:
+    return None if value is None else storage.absolute(value)
+
+
+def _comma_separated(value):
+    if isinstance(value, str):
+        return [part for part in value.split(",") if part]
+    return value
+
+
+class TrainConfig(RayTrainRunConfig):
+    """One run of ``train``: subject-representation learning (stage 2) on pair shards."""
+
+    shards: list[str] = Field(min_length=1, description="pair shard folders/prefixes (with manifest.json) or .tar URIs")
     model: Literal["tiny", "blip-diffusion"] = "blip-diffusion"
     init: str | None = Field(None, description="diffusers BLIP-Diffusion folder or hub id to start from")
     stable_diffusion: str | None = Field(None, description="instead of init: SD-1.5 folder or hub id (text encoder, UNet, VAE)")
     qformer: str | None = Field(None, description="with stable_diffusion: Q-Former folder (BLIP-Diffusion layout)")
     qformer_tokenizer: str | None = Field(None, description="BERT tokenizer for an --init without one")
-    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
-    gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
-    cpus_per_worker: float = Field(1, gt=0, json_schema_extra=RUN_ONLY)
-    loader_workers: int = Field(2, ge=0, description="DataLoader processes per worker (0: in the training process)")
     batch_size: int = Field(16, ge=1, description="per worker")
-    max_steps: int = Field(1000, ge=0, json_schema_extra=RUN_ONLY)
-    seed: int = 0
     lr: float = Field(2e-6, gt=0, description="not scaled by the trainer: the paper's 2e-6 is for a total batch "
                                           "(workers x batch_size) of 16; scale it with the total batch")
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     drop_subject_prob: float = Field(0.15, ge=0, le=1)
-    shuffle_buffer: int = Field(1000, ge=1)
     exclude: str | None = Field(None, description="file of pair keys to leave out, one per line")
     latents: list[str] | None = Field(None, description="side-car latent shard folders (subjectpairs latents)")
-    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on GPU only")
     compile: bool = Field(False, description="torch.compile the UNet and the text encoder",
                           json_schema_extra=RUN_ONLY)
-    checkpoint_every: int = Field(500, ge=1, json_schema_extra=RUN_ONLY)
-    keep_checkpoints: int = Field(3, ge=1, json_schema_extra=RUN_ONLY)
-    log_every: int = Field(1, ge=1, json_schema_extra=RUN_ONLY)
     record_keys: bool = Field(False, description="write RUN/keys/rank-N.txt: the keys each rank trained on",
                               json_schema_extra=RUN_ONLY)
-    max_failures: int = Field(0, ge=0, description="worker failures to recover from the last checkpoint",
-                              json_schema_extra=RUN_ONLY)
-    address: str | None = Field(None, json_schema_extra=RUN_ONLY)
-    resume: bool = Field(False, json_schema_extra=RUN_ONLY)
     # a small fixed DreamBench evaluation during training, logged to metrics.jsonl; it does not change the run
     eval_every: int | None = Field(None, ge=1, description="steps between DreamBench evaluations (with "
                                                            "eval_dreambench)", json_schema_extra=RUN_ONLY)
@@ -69,12 +94,7 @@ class TrainConfig(BaseModel):
     eval_dino_model: str = Field("facebook/dino-vits16", description="DINO model of the DINO score",
                                  json_schema_extra=RUN_ONLY)
 
-    @field_validator("shards", "latents", "eval_subjects", mode="before")
-    @classmethod
-    def _split_commas(cls, value):
-        if isinstance(value, str):
-            return [part for part in value.split(",") if part]
-        return value
+    _split_commas = field_validator("shards", "latents", "eval_subjects", mode="before")(_comma_separated)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -95,25 +115,64 @@ class TrainConfig(BaseModel):
         """Local paths made absolute: Ray Train runs each worker in its own working directory, so a
         relative ``demo/run`` would point somewhere else there. URIs stay as they are, and so do model
         sources that are not local folders (hub ids)."""
-
-        def path(value: str | None) -> str | None:
-            return None if value is None else storage.absolute(value)
-
-        def source(value: str | None) -> str | None:
-            return path(value) if value is not None and Path(value).expanduser().exists() else value
-
         return self.model_copy(update={
-            "out": path(self.out), "shards": [path(s) for s in self.shards],
-            "latents": [path(s) for s in self.latents] if self.latents else None, "exclude": path(self.exclude),
-            "init": source(self.init), "stable_diffusion": source(self.stable_diffusion),
-            "qformer": source(self.qformer), "qformer_tokenizer": source(self.qformer_tokenizer),
-            "eval_dreambench": path(self.eval_dreambench), "eval_clip_model": source(self.eval_clip_model),
-            "eval_dino_model": source(self.eval_dino_model),
+            "out": _path(self.out), "shards": [_path(s) for s in self.shards],
+            "latents": [_path(s) for s in self.latents] if self.latents else None, "exclude": _path(self.exclude),
+            "init": _source(self.init), "stable_diffusion": _source(self.stable_diffusion),
+            "qformer": _source(self.qformer), "qformer_tokenizer": _source(self.qformer_tokenizer),
+            "eval_dreambench": _path(self.eval_dreambench), "eval_clip_model": _source(self.eval_clip_model),
+            "eval_dino_model": _source(self.eval_dino_model),
         })
 
-    def run_hash(self) -> str:
-        """SHA-256 of the settings that decide the run's numbers; a resumption must match it."""
-        return hashlib.sha256(json.dumps(hashed_settings(self), sort_keys=True).encode()).hexdigest()
+
+class PretrainQFormerConfig(RayTrainRunConfig):
+    """One run of ``pretrain-qformer``: stage 1, BLIP-2's representation learning of the Q-Former on
+    image-text shards. The defaults are LAVIS's (``blip2/train/pretrain_stage1.yaml`` and ``Blip2Qformer``)."""
+
+    shards: list[str] = Field(min_length=1, description="img2dataset image-text shard folders/prefixes or .tar URIs")
+    model: Literal["tiny", "blip-diffusion"] = Field(
+        "blip-diffusion", description="size of a random model (without clip and bert, or init)")
+    clip: str | None = Field(None, description="CLIP model (folder or hub id) whose vision tower, without its "
+                                               "last layer, is the frozen image encoder")
+    bert: str | None = Field(None, description="with clip: BERT (folder or hub id) the Q-Former starts from, "
+                                               "and its tokenizer")
+    init: str | None = Field(None, description="instead of clip and bert: a Q-Former folder to start from "
+                                               "(a stage-1 RUN/qformer, a BLIP-Diffusion folder), or LAVIS's "
+                                               "blip2_pretrain_vitL .pth, converted: its first 16 queries as a "
+                                               "warm start")
+    qformer_tokenizer: str | None = Field(None, description="BERT tokenizer for an --init without one")
+    batch_size: int = Field(100, ge=1, description="per worker (LAVIS: 100 per GPU)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate, reached after the warm-up")
+    warmup_lr: float = Field(1e-6, gt=0, description="learning rate of the first step")
+    warmup_steps: int = Field(5000, ge=0, description="steps of the linear warm-up")
+    min_lr: float = Field(1e-5, ge=0, description="learning rate at the end of the cosine decay")
+    lr_decay_steps: int | None = Field(
+        None, ge=1, description="step at which the cosine decay reaches min_lr (default: max_steps at the run's "
+                                "start; a resumed run keeps its own)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay of the weight matrices")
+    max_grad_norm: float | None = Field(None, gt=0, description="gradient clipping (LAVIS: none)")
+    embed_dim: int = Field(256, ge=1, description="width of the contrastive features")
+    max_txt_len: int = Field(32, ge=3, description="caption tokens, [CLS] and [SEP] included")
+
+    _split_commas = field_validator("shards", mode="before")(_comma_separated)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PretrainQFormerConfig":
+        if bool(self.clip) != bool(self.bert):
+            raise ValueError("clip and bert go together (the image encoder and the Q-Former's start)")
+        if self.init and self.clip:
+            raise ValueError("give either init, or clip with bert, not both")
+        if self.warmup_lr > self.lr or self.min_lr > self.lr:
+            raise ValueError("warmup_lr and min_lr are at most lr")
+        return self
+
+    def with_absolute_paths(self) -> "PretrainQFormerConfig":
+        """Local paths made absolute (see :meth:`TrainConfig.with_absolute_paths`)."""
+        return self.model_copy(update={
+            "out": _path(self.out), "shards": [_path(s) for s in self.shards], "clip": _source(self.clip),
+            "bert": _source(self.bert), "init": _source(self.init),
+            "qformer_tokenizer": _source(self.qformer_tokenizer),
+        })
 
 
 class LatentsConfig(BaseModel):

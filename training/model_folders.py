@@ -163,6 +163,15 @@ def save_vocabulary_files(tokenizer, folder: Path) -> None:
     (folder / "tokenizer.json").unlink()
 
 
+def save_qformer_folder(qformer, tokenizer, folder: Path) -> Path:
+    """A Q-Former folder in the released layout (``qformer/`` of ``Salesforce/blipdiffusion``), its BERT
+    tokenizer's vocabulary files beside the weights, where :func:`load_qformer_tokenizer` finds them."""
+    qformer.save_pretrained(folder)
+    write_weights_as_released(folder, "", qformer.embeddings.position_ids)
+    save_vocabulary_files(tokenizer, folder)
+    return folder
+
+
 # A fine-tuned model folder's cached subject embedding (``subjectpairs finetune``), at the folder's root
 # where diffusers' loader, which reads only the components model_index.json names, leaves it alone.
 SUBJECT_EMBEDDING_FILE = "subject_embedding.safetensors"

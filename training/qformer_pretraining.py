@@ -31,19 +31,28 @@ under bf16 autocast.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import distributed, nn
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
+from subjectpairs.errors import InputError
+
+from .model_folders import load_component, load_qformer_tokenizer, qformer_subfolder, save_qformer_folder
 from .qformer import SubjectQFormer
+from .trainable_weights import TrainableWeights
 
 DECODER_BOS_TOKEN = "[DEC]"
 # LAVIS's similarity for a pair itself when drawing its hard negatives: (almost) never drawn, yet a batch of
 # one pair still draws (itself) instead of failing on all-zero weights.
 OWN_PAIR_SIMILARITY = -10000.0
+# Beside the Q-Former's weights in a stage-1 folder: the heads that only stage 1 uses. Stage 2 and diffusers
+# read the folder's model.safetensors only and leave this file alone.
+PRETRAINING_HEADS_FILE = "pretraining_heads.safetensors"
 
 
 @dataclass(frozen=True)
@@ -129,14 +138,17 @@ class QFormerPretrainingHeads(nn.Module):
         self.lm_head = CaptionHead(qformer_config)
 
 
-class QFormerPretraining(nn.Module):
-    """The stage-1 model: ``qformer`` (saved for stage 2 with its own ``save_pretrained``) and ``heads``.
+class QFormerPretraining(TrainableWeights):
+    """The stage-1 model: ``qformer`` (the Q-Former that stage 2 loads) and ``heads``.
 
     ``tokenizer`` is the Q-Former's BERT tokenizer with ``[DEC]`` added (its beginning-of-sequence token in
-    LAVIS); only its ``[DEC]`` and padding ids are kept."""
+    LAVIS). :meth:`save_pretrained` writes a Q-Former folder in the released layout, the tokenizer and the
+    heads (``PRETRAINING_HEADS_FILE``) beside it: ``train --qformer`` takes it, and so does
+    :meth:`from_pretrained`, which continues stage 1 from it."""
 
     def __init__(self, qformer: SubjectQFormer, tokenizer,
-                 config: QFormerPretrainingConfig = QFormerPretrainingConfig()) -> None:
+                 config: QFormerPretrainingConfig = QFormerPretrainingConfig(),
+                 heads: QFormerPretrainingHeads | None = None) -> None:
         super().__init__()
         vocab_size = qformer.config.qformer_config.vocab_size
         decoder_bos_id = tokenizer.convert_tokens_to_ids(DECODER_BOS_TOKEN)
@@ -145,13 +157,41 @@ class QFormerPretraining(nn.Module):
                              f"{vocab_size} embeddings (add it: tokenizer.add_special_tokens"
                              f"({{'bos_token': '{DECODER_BOS_TOKEN}'}}))")
         self.qformer = qformer
-        self.heads = QFormerPretrainingHeads(qformer.config.qformer_config, config.embed_dim,
-                                             config.initial_temperature)
-        self.config = config
+        self.heads = heads or QFormerPretrainingHeads(qformer.config.qformer_config, config.embed_dim,
+                                                      config.initial_temperature)
+        self.config = replace(config, embed_dim=self.heads.vision_proj.out_features)
+        self.tokenizer = tokenizer
         self.decoder_bos_id = decoder_bos_id
         self.pad_id = tokenizer.pad_token_id
         self.num_queries = qformer.query_tokens.shape[1]
         self.freeze()
+
+    @classmethod
+    def from_pretrained(cls, source: str, qformer_tokenizer: str | None = None,
+                        config: QFormerPretrainingConfig = QFormerPretrainingConfig()) -> "QFormerPretraining":
+        """A Q-Former folder (or a BLIP-Diffusion folder, whose ``qformer/`` is used), with the stage-1 heads
+        saved beside it, or new ones (from torch's global random stream) where it has none. The tokenizer is
+        found as :func:`~.model_folders.load_qformer_tokenizer` says."""
+        subfolder = qformer_subfolder(source)
+        qformer = load_component(SubjectQFormer, source, subfolder)
+        tokenizer = load_qformer_tokenizer(source, qformer_tokenizer)
+        heads_file = Path(source, subfolder, PRETRAINING_HEADS_FILE)
+        heads = None
+        if heads_file.is_file():
+            weights = load_file(heads_file)
+            heads = QFormerPretrainingHeads(qformer.config.qformer_config, weights["vision_proj.weight"].shape[0],
+                                            config.initial_temperature)
+            try:
+                heads.load_state_dict(weights)
+            except RuntimeError as exc:
+                raise InputError(f"{heads_file}: does not fit the Q-Former ({str(exc).splitlines()[0]})") from exc
+        return cls(qformer, tokenizer, config, heads)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = save_qformer_folder(self.qformer, self.tokenizer, Path(folder))
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in self.heads.state_dict().items()},
+                  folder / PRETRAINING_HEADS_FILE)
+        return folder
 
     def freeze(self) -> None:
         """The image encoder is frozen (LAVIS ``freeze_vit``) but for its last LayerNorm, LAVIS's trained

@@ -8,6 +8,7 @@ drives one in a single process the same way.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from contextlib import nullcontext
@@ -20,7 +21,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .blip_diffusion import BlipDiffusion
-from .config import TrainConfig
+from .config import PretrainQFormerConfig, TrainConfig
+from .qformer_pretraining import QFormerPretraining, RankGather, tokenize_captions
+from .trainable_weights import TrainableWeights
 
 # A checkpoint folder: the state every rank shares (written by rank 0) and one file per rank.
 TRAINABLE_FILE = "trainable.safetensors"
@@ -49,43 +52,54 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-class Trainer:
-    """AdamW on the model's trainable parameters (the Q-Former without its image encoder, the text encoder,
-    the UNet), gradient clipping, bf16 autocast on GPUs (``mixed_precision``), one optimizer step per batch.
+class RankTrainer:
+    """One rank's optimizer steps: AdamW on the model's trainable parameters with the learning rate of each
+    step (:meth:`learning_rate`), optional gradient clipping, bf16 autocast on GPUs (``mixed_precision``),
+    and the checkpoint state. A subclass says what a batch's losses are (:meth:`losses`).
 
     ``network`` is what the forward pass runs through: the model itself, or its DDP wrapper, which a
     distributed loop sets after construction."""
 
-    def __init__(self, config: TrainConfig, model: BlipDiffusion, device: torch.device) -> None:
-        self.config, self.model, self.device = config, model, device
+    def __init__(self, model: TrainableWeights, device: torch.device, *, weight_decay: float,
+                 max_grad_norm: float | None, mixed_precision: str) -> None:
+        self.model, self.device = model, device
         self.network: torch.nn.Module = model
+        self.max_grad_norm = max_grad_norm
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay,
+        self.optimizer = torch.optim.AdamW(self.parameter_groups(weight_decay), lr=self.learning_rate(0),
                                            fused=device.type == "cuda")
         self.step = 0
-        bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
+        bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
         self._autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return [{"params": self.trainable, "weight_decay": weight_decay}]
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the step that follows ``step`` steps."""
+        raise NotImplementedError
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's losses through ``network``; ``loss`` is the one optimised."""
+        raise NotImplementedError
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        """One optimizer step on ``batch`` (a :class:`~subjectpairs.training.data.BatchReader` batch);
-        returns this rank's loss, detached."""
-        to_device = {"non_blocking": True}
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``batch``; returns this rank's losses, detached."""
+        for group in self.optimizer.param_groups:  # from the step alone, so a resumed run has it too
+            group["lr"] = self.learning_rate(self.step)
         with self._autocast():
-            loss = self.network(
-                batch["pixel_values"].to(self.device, **to_device), batch["captions"], batch["categories"],
-                target=batch["target"].to(self.device, **to_device) if "target" in batch else None,
-                latents=batch["latents"].to(self.device, **to_device) if "latents" in batch else None,
-            )
+            losses = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        losses["loss"].backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
         self.optimizer.step()
         self.step += 1
-        return loss.detach()
+        return {name: value.detach() for name, value in losses.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds of the training state shared by every rank: the trainable weights, the
@@ -98,6 +112,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
 
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's random streams, to resume exactly."""
+        return {"rng": rng_state(self.device)}
+
+    def set_rank_state(self, state: dict[str, Any]) -> None:
+        set_rng_state(state["rng"], self.device)
+
     def save(self, folder: str, *, rank: int, position: dict[str, Any], epoch: int, run_hash: str) -> None:
         """This rank's part of a checkpoint, into the local ``folder``: rank 0 writes the shared state
         (trainable weights, optimizer, ``step``, ``epoch``, ``run_hash``), every rank its random streams and
@@ -107,7 +128,7 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in state["trainable"].items()}, os.path.join(folder, TRAINABLE_FILE))
             torch.save(state["optimizer"], os.path.join(folder, OPTIMIZER_FILE))
             Path(folder, STATE_FILE).write_text(json.dumps({"step": self.step, "epoch": epoch, "run_hash": run_hash}))
-        torch.save({"rng": rng_state(self.device), "position": position}, os.path.join(folder, rank_file(rank)))
+        torch.save({**self.rank_state(), "position": position}, os.path.join(folder, rank_file(rank)))
 
     def restore(self, folder: str, *, rank: int) -> dict[str, Any]:
         """The state :meth:`save` wrote into the local ``folder``, this rank's random streams included;
@@ -119,8 +140,81 @@ class Trainer:
             "step": json.loads(Path(folder, STATE_FILE).read_text())["step"],
         })
         rank_state = torch.load(os.path.join(folder, rank_file(rank)), weights_only=False)
-        set_rng_state(rank_state["rng"], self.device)
+        self.set_rank_state(rank_state)
         return rank_state["position"]
+
+
+class Trainer(RankTrainer):
+    """Stage 2: the model's trainable parameters (the Q-Former without its image encoder, the text encoder,
+    the UNet) at a constant learning rate on pair batches (:class:`~.data.BatchReader`)."""
+
+    def __init__(self, config: TrainConfig, model: BlipDiffusion, device: torch.device) -> None:
+        self.config = config
+        super().__init__(model, device, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+                         mixed_precision=config.mixed_precision)
+
+    def learning_rate(self, step: int) -> float:
+        return self.config.lr
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        to_device = {"non_blocking": True}
+        return {"loss": self.network(
+            batch["pixel_values"].to(self.device, **to_device), batch["captions"], batch["categories"],
+            target=batch["target"].to(self.device, **to_device) if "target" in batch else None,
+            latents=batch["latents"].to(self.device, **to_device) if "latents" in batch else None,
+        )}
+
+
+def warmup_cosine_lr(step: int, *, lr: float, warmup_lr: float, warmup_steps: int, min_lr: float,
+                     decay_steps: int) -> float:
+    """LAVIS's ``linear_warmup_cosine_lr`` by step: linear from ``warmup_lr`` to ``lr`` over ``warmup_steps``,
+    then a cosine from ``lr`` down to ``min_lr`` at ``decay_steps``, and ``min_lr`` after. (LAVIS decays once
+    per epoch; streamed shards have no fixed epoch, so the cosine runs over steps.)"""
+    if step < warmup_steps:
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(decay_steps - warmup_steps, 1))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class QFormerTrainer(RankTrainer):
+    """Stage 1: the Q-Former and its pre-training heads (:class:`~.qformer_pretraining.QFormerPretraining`)
+    on image-text batches (:class:`~.image_text_data.ImageTextBatchReader`), LAVIS's optimizer: no weight
+    decay on biases, LayerNorms and other 1-D parameters, warm-up and cosine decay. ``gather`` shares the
+    negatives between ranks (None: one process); the hard negatives are drawn from a generator seeded by
+    ``seed``, which the rank's checkpoint keeps."""
+
+    def __init__(self, config: PretrainQFormerConfig, model: QFormerPretraining, device: torch.device, *,
+                 seed: int, gather: RankGather | None = None) -> None:
+        self.config, self.gather = config, gather
+        self.negatives = torch.Generator().manual_seed(seed)
+        super().__init__(model, device, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+                         mixed_precision=config.mixed_precision)
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        decayed, kept = [], []
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                no_decay = parameter.ndim < 2 or name.endswith("bias") or "layernorm" in name.lower()
+                (kept if no_decay else decayed).append(parameter)
+        return [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+
+    def learning_rate(self, step: int) -> float:
+        config = self.config
+        return warmup_cosine_lr(step, lr=config.lr, warmup_lr=config.warmup_lr, warmup_steps=config.warmup_steps,
+                                min_lr=config.min_lr, decay_steps=config.lr_decay_steps or config.max_steps)
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = tokenize_captions(self.model.tokenizer, batch["captions"],
+                                                      self.model.config.max_txt_len)
+        return self.network(batch["pixel_values"].to(self.device, non_blocking=True), input_ids.to(self.device),
+                            attention_mask.to(self.device), gather=self.gather, generator=self.negatives)
+
+    def rank_state(self) -> dict[str, Any]:
+        return {**super().rank_state(), "negatives": self.negatives.get_state()}
+
+    def set_rank_state(self, state: dict[str, Any]) -> None:
+        super().set_rank_state(state)
+        self.negatives.set_state(state["negatives"])
 
 
 class Collectives:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from subjectpairs.configfile import CONFIG_FILE, config_yaml, hashed_settings, r
 from subjectpairs.errors import InputError
 from subjectpairs.guards import OutputLock, output_entries, refuse_overlap
 from subjectpairs.raycluster import start_ray
+from subjectpairs.seeds import stable_seed
 
-from .config import TrainConfig
+from .config import RayTrainRunConfig, TrainConfig
 from .rank_trainer import STATE_FILE
 
 METRICS_FILE = "metrics.jsonl"
@@ -174,14 +176,31 @@ class MetricsLog:
         self.sync()
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """The global random streams of a rank (torch's, Python's, NumPy's), seeded by the run's seed and rank."""
+    import torch
+
+    torch.manual_seed(stable_seed(seed, "rank", rank))
+    random.seed(stable_seed(seed, "python", rank))
+    np.random.seed(stable_seed(seed, "numpy", rank) % 2**32)
+
+
+def restore_rank(trainer, run: str, rank: int, scratch: str):
+    """The rank's data position, with the trainer's state and random streams restored from the run's
+    newest whole checkpoint when it has one. The run folder, not Ray's own list, says where to start: at a
+    start the checkpoint the driver named (and printed), after a worker failure the newest one this run
+    finished."""
+    from .data import StreamPosition
+
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        return StreamPosition()
+    return StreamPosition.from_dict(trainer.restore(_local_folder(checkpoint, scratch), rank=rank))
+
+
 def _start_rank(config: TrainConfig, rank: int, device, scratch: str):
     """This rank's Trainer on ``device`` and its data position: the run's model, its random streams seeded by
     rank, then, when the run folder has a checkpoint, everything restored from it."""
-    import torch
-
-    from subjectpairs.seeds import stable_seed
-
-    from .data import StreamPosition
     from .latents import check_latents
     from .rank_trainer import Trainer
 
@@ -193,16 +212,8 @@ def _start_rank(config: TrainConfig, rank: int, device, scratch: str):
         model.unet.compile()
         model.text_encoder.compile()
     trainer = Trainer(config, model, device)
-    position = StreamPosition()
-    torch.manual_seed(stable_seed(config.seed, "rank", rank))
-    random.seed(stable_seed(config.seed, "python", rank))
-    np.random.seed(stable_seed(config.seed, "numpy", rank) % 2**32)
-    # The run folder, not Ray's own list, says where to start: at a start the checkpoint the driver named
-    # (and printed), after a worker failure the newest one this run finished.
-    checkpoint = latest_checkpoint(config.out)
-    if checkpoint is not None:
-        position = StreamPosition.from_dict(trainer.restore(_local_folder(checkpoint, scratch), rank=rank))
-    return trainer, position
+    seed_rank(config.seed, rank)
+    return trainer, restore_rank(trainer, config.out, rank, scratch)
 
 
 def train_loop(config_dict: dict) -> None:
@@ -236,11 +247,35 @@ def train_loop(config_dict: dict) -> None:
         latents=resolve_shards(config.latents) if config.latents else None,
         shuffle_buffer=config.shuffle_buffer, position=position,
     )
-    metrics = MetricsLog(config.out, keep_through_step=trainer.step) if rank == 0 else None
     keys_log = _keys_log(config, rank, trainer.step) if config.record_keys else None
-    progress = _progress_actor() if rank == 0 else None
     # rank 0 evaluates while the others wait at the next step's all-reduce
     evaluation = _training_evaluation(config, device) if rank == 0 and config.eval_every else None
+
+    def after_step(step: int, batch: dict, metrics: MetricsLog | None) -> None:
+        if keys_log is not None:
+            keys_log.write("".join(f"{step}\t{key}\n" for key in batch["keys"]))
+            keys_log.flush()
+        if evaluation is not None and step % config.eval_every == 0:
+            metrics.write({"step": step, "eval": evaluation(model)})
+            trainer.network.train()
+
+    run_steps(config, trainer, reader, ranks, rank=rank, scratch=scratch, after_step=after_step)
+    if keys_log is not None:
+        keys_log.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_steps(config, trainer, reader, ranks, *, rank: int, scratch: str, after_step=None) -> None:
+    """A rank's steps up to ``config.max_steps``, in lockstep with the other ranks: a one-int all-reduce
+    per step says whether every rank still has a batch, so uneven shards end an epoch everywhere at once.
+    Each loss is averaged over the ranks and logged by rank 0 to ``metrics.jsonl``, with the learning rate,
+    the throughput and the corrupt samples and shards met; checkpoints every ``checkpoint_every`` steps and
+    at the end. ``after_step(step, batch, metrics)`` runs after each step (``metrics`` on rank 0 only)."""
+    import ray.train
+
+    world = ranks.world_size
+    metrics = MetricsLog(config.out, keep_through_step=trainer.step) if rank == 0 else None
+    progress = _progress_actor() if rank == 0 else None
 
     def save_checkpoint(record: dict) -> None:
         folder = tempfile.mkdtemp(prefix="checkpoint-", dir=scratch)
@@ -257,7 +292,7 @@ def train_loop(config_dict: dict) -> None:
             mark_complete(storage.join(config.out, checkpoint_name(step)))
 
     # A checkpoint taken at an epoch's end resumes with that epoch's steps done, as the run went on.
-    epoch_steps = position.batches
+    epoch_steps = reader.position.batches
     bad_shard_reports, corrupt_shards = 0.0, []
     while trainer.step < config.max_steps:
         started = time.perf_counter()
@@ -272,37 +307,30 @@ def train_loop(config_dict: dict) -> None:
             reader.start_next_epoch()
             epoch_steps = 0
             continue
-        loss = trainer.train_step(batch)
+        lr = trainer.learning_rate(trainer.step)
+        losses = {name: ranks.sum(float(value)) / world for name, value in trainer.train_step(batch).items()}
         step = trainer.step
         epoch_steps += 1
-        if keys_log is not None:
-            keys_log.write("".join(f"{step}\t{key}\n" for key in batch["keys"]))
-            keys_log.flush()
-        mean_loss = ranks.sum(float(loss)) / world
         corrupt = ranks.sum(float(reader.position.corrupt))
         reports = ranks.sum(float(len(reader.position.bad_shards)))
         if reports != bad_shard_reports:  # the names are gathered only when a rank met another broken shard
             bad_shard_reports, corrupt_shards = reports, ranks.union(reader.position.bad_shards)
         seconds = time.perf_counter() - started
-        # the lr goes with the total batch (DDP averages the workers' gradients): 2e-6 with 16 in the paper
+        # the lr goes with the total batch (DDP averages the workers' gradients)
         total_batch = config.batch_size * world
-        record = {"step": step, "loss": mean_loss, "lr": trainer.lr,
-                  "total_batch": total_batch, "samples_per_s": total_batch / seconds, "data_wait": waited / seconds,
+        record = {"step": step, **losses, "lr": lr, "total_batch": total_batch,
+                  "samples_per_s": total_batch / seconds, "data_wait": waited / seconds,
                   "epoch": reader.position.epoch, "corrupt_samples": int(corrupt), "corrupt_shards": corrupt_shards}
         if rank == 0:
             if step % config.log_every == 0 or step == config.max_steps:
                 metrics.write(record)
-            progress.update.remote(step, mean_loss, record["samples_per_s"])
-        if evaluation is not None and step % config.eval_every == 0:
-            metrics.write({"step": step, "eval": evaluation(model)})
-            trainer.network.train()
+            progress.update.remote(step, losses["loss"], record["samples_per_s"])
+        if after_step is not None:
+            after_step(step, batch, metrics)
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             save_checkpoint(record)
     if metrics is not None:
         metrics.close()
-    if keys_log is not None:
-        keys_log.close()
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _training_evaluation(config: TrainConfig, device):
@@ -354,7 +382,7 @@ def _progress_actor():
     return ray.get_actor(PROGRESS_ACTOR)
 
 
-def prepare_run(config: TrainConfig) -> int:
+def prepare_run(config: RayTrainRunConfig, command: str = "train") -> int:
     """Checks the run folder against --resume and writes config.yaml; returns the step to resume from: that
     of the newest whole checkpoint, the one the workers load.
 
@@ -369,7 +397,7 @@ def prepare_run(config: TrainConfig) -> int:
             raise RunInUse(f"{config.out} holds another run's files; pass --resume to continue it or choose "
                            "another --out")
         storage.remove(storage.join(config.out, RAY_SNAPSHOT_FILE))
-        storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, "train"))
+        storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, command))
         return 0
     if not config.resume:
         raise RunInUse(f"{config.out} already holds checkpoints (latest {max(names)}); pass --resume "
@@ -378,7 +406,7 @@ def prepare_run(config: TrainConfig) -> int:
         raise InputError(f"{config.out}: no whole checkpoint to resume from ("
                          + "; ".join(f"{Path(uri).name}: {why}" for uri, why in scan.broken.items())
                          + "); remove the run folder to start over, or choose another --out")
-    previous = read_config(TrainConfig, storage.join(config.out, CONFIG_FILE))
+    previous = read_config(type(config), storage.join(config.out, CONFIG_FILE))
     if previous.run_hash() != config.run_hash():
         ours, theirs = hashed_settings(config), hashed_settings(previous)
         changed = sorted(key for key, value in ours.items() if theirs[key] != value)
@@ -393,7 +421,7 @@ def prepare_run(config: TrainConfig) -> int:
     for uri in [*scan.broken, *scan.whole[:-config.keep_checkpoints], storage.join(config.out, RAY_SNAPSHOT_FILE)]:
         storage.remove(uri)
     state = json.loads(storage.read_bytes(storage.join(latest, STATE_FILE)))
-    storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, "train"))
+    storage.publish_bytes(storage.join(config.out, CONFIG_FILE), config_yaml(config, command))
     return int(state["step"])
 
 
@@ -402,8 +430,6 @@ def check_data(config: TrainConfig) -> None:
     in one line instead of in every worker once the cluster is up."""
     from subjectpairs.corpus.layout import read_exclude
     from subjectpairs.corpus.reader import resolve_shards
-
-    from .data import smallest_stream
 
     if config.exclude is not None and (not storage.exists(config.exclude) or storage.is_dir(config.exclude)):
         raise InputError(f"--exclude {config.exclude}: no such file")
@@ -414,7 +440,14 @@ def check_data(config: TrainConfig) -> None:
             resolved[flag] = resolve_shards(specs) if specs else []
         except ValueError as exc:
             raise InputError(f"{flag}: {exc}") from exc
-    shards = resolved["--shards"]
+    check_batch_plan(config, resolved["--shards"], exclude)
+
+
+def check_batch_plan(config: RayTrainRunConfig, shards: list, exclude: frozenset[str] = frozenset()) -> None:
+    """Every loader stream of every worker must hold a whole batch in the first epoch, as far as the shards'
+    counts tell."""
+    from .data import smallest_stream
+
     fewest = smallest_stream(shards, world_size=config.workers, num_workers=config.loader_workers,
                              seed=config.seed, exclude=exclude)
     if fewest is not None and fewest < config.batch_size:
@@ -509,31 +542,40 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     config = config.with_absolute_paths()
     check_data(config)
     check_evaluation_inputs(config)
-    with OutputLock(config.out, "train"):
-        return _train_locked(config, progress)
+    return run_locked(config, "train", train_loop, _save_base, progress)
 
 
-def _train_locked(config: TrainConfig, progress: bool) -> TrainReport:
-    found = set(output_entries(config.out))
-    resumed_from = prepare_run(config)
-    try:
-        return _fit(config, resumed_from, progress)
-    except BaseException:
-        scan = scan_checkpoints(config.out)
-        if not scan.whole and not scan.broken:
-            # A start that failed before its first checkpoint leaves the folder as it found it, so the
-            # corrected command is not refused for the files it wrote.
-            for name in set(output_entries(config.out)) - found:
-                storage.remove(storage.join(config.out, name))
-        raise
+def run_locked(config: RayTrainRunConfig, command: str, loop: Callable[[dict], None],
+               save_base: Callable[[RayTrainRunConfig], None], progress: bool,
+               finish: Callable[[RayTrainRunConfig], None] | None = None) -> TrainReport:
+    """A Ray Train run of ``loop`` on every worker, its run folder locked by the driver for the whole run
+    (the workers write checkpoints into it under that lock) and checked against --resume; ``save_base``
+    writes the run's starting weights into it first, once, and ``finish`` runs after the workers, still
+    under the lock."""
+    with OutputLock(config.out, command):
+        found = set(output_entries(config.out))
+        resumed_from = prepare_run(config, command)
+        try:
+            save_base(config)
+            report = _fit(config, loop, resumed_from, progress)
+        except BaseException:
+            scan = scan_checkpoints(config.out)
+            if not scan.whole and not scan.broken:
+                # A start that failed before its first checkpoint leaves the folder as it found it, so the
+                # corrected command is not refused for the files it wrote.
+                for name in set(output_entries(config.out)) - found:
+                    storage.remove(storage.join(config.out, name))
+            raise
+        if finish is not None:
+            finish(config)
+        return report
 
 
-def _fit(config: TrainConfig, resumed_from: int, progress: bool) -> TrainReport:
+def _fit(config: RayTrainRunConfig, loop: Callable[[dict], None], resumed_from: int, progress: bool) -> TrainReport:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    _save_base(config)
     owns_ray = start_ray(config.address, include_dashboard=False,
                          runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     gpus = config.gpus_per_worker
@@ -543,7 +585,7 @@ def _fit(config: TrainConfig, resumed_from: int, progress: bool) -> TrainReport:
     counter = ray.remote(num_cpus=0)(TrainCounter).options(name=PROGRESS_ACTOR, lifetime="detached",
                                                            get_if_exists=True).remote()
     trainer = TorchTrainer(
-        train_loop, train_loop_config=config.model_dump(mode="json"),
+        loop, train_loop_config=config.model_dump(mode="json"),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=bool(gpus), resources_per_worker=resources),
         run_config=RunConfig(**_storage(config.out),

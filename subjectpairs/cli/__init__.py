@@ -16,6 +16,7 @@ from subjectpairs.cli.evaluate import evaluate_command, finetune_command
 from subjectpairs.cli.filter import filter_command
 from subjectpairs.cli.generate import generate_command, interpolate_command
 from subjectpairs.cli.pair import pair_command
+from subjectpairs.cli.pretrain import pretrain_qformer_command
 from subjectpairs.cli.review import review_app
 from subjectpairs.cli.shards import shards_app
 from subjectpairs.cli.train import export_command, latents_command, train_command
@@ -37,6 +38,7 @@ def version_command() -> None:
 app.command("filter")(filter_command)
 app.command("pair")(pair_command)
 app.command("build")(build_command)
+app.command("pretrain-qformer")(pretrain_qformer_command)
 app.command("train")(train_command)
 app.command("export")(export_command)
 app.command("generate")(generate_command)

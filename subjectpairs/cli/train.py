@@ -25,7 +25,7 @@ _help = partial(field_help, "subjectpairs.training.config:TrainConfig")
 _latents_help = partial(field_help, "subjectpairs.training.config:LatentsConfig")
 
 
-def _comma_list(values: list[str] | None) -> list[str] | None:
+def comma_list(values: list[str] | None) -> list[str] | None:
     """Repeatable options that also take comma-separated lists."""
     if not values:
         return None
@@ -62,11 +62,11 @@ def train_command(
     from subjectpairs.training.trainer import run_training
 
     settings = load_config(TrainConfig, config, {
-        "shards": _comma_list(shards), "out": out, "model": model, "init": init, "workers": workers,
+        "shards": comma_list(shards), "out": out, "model": model, "init": init, "workers": workers,
         "stable_diffusion": stable_diffusion, "qformer": qformer,
         "gpus_per_worker": gpus_per_worker, "batch_size": batch_size, "max_steps": max_steps, "seed": seed,
-        "resume": resume or None, "exclude": exclude, "latents": _comma_list(latents), "address": address,
-        "eval_every": eval_every, "eval_dreambench": eval_dreambench, "eval_subjects": _comma_list(eval_subjects),
+        "resume": resume or None, "exclude": exclude, "latents": comma_list(latents), "address": address,
+        "eval_every": eval_every, "eval_dreambench": eval_dreambench, "eval_subjects": comma_list(eval_subjects),
         **parse_settings(set_),
     })
     with input_errors():
@@ -105,7 +105,7 @@ def latents_command(
     from subjectpairs.training.latents import write_latents
 
     settings = load_config(LatentsConfig, config, {
-        "shards": _comma_list(shards), "out": out, "model": model, "init": init, "seed": seed,
+        "shards": comma_list(shards), "out": out, "model": model, "init": init, "seed": seed,
         "batch_size": batch_size, "address": address,
     })
     with input_errors():

@@ -24,6 +24,7 @@ from transformers import BertTokenizer, CLIPTokenizer
 
 from .loss import DROP_SUBJECT_PROB, pretraining_loss
 from .model_folders import (
+    DECODER_BOS_TOKEN,
     EXPORT_QFORMER_TOKENIZER,
     check_tokenizes,
     load_component,
@@ -74,7 +75,7 @@ class BlipDiffusion(TrainableWeights):
         with tempfile.TemporaryDirectory() as scratch:
             tokenizer = tiny_clip_tokenizer(Path(scratch) / "clip")
             qformer_tokenizer = tiny_bert_tokenizer(Path(scratch) / "bert")
-        qformer_tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        qformer_tokenizer.add_special_tokens({"bos_token": DECODER_BOS_TOKEN})
         configs = model_configs(kind, len(tokenizer), len(qformer_tokenizer))
         with torch.random.fork_rng():  # seeded weights without touching the caller's random stream
             torch.manual_seed(seed)

@@ -125,6 +125,14 @@ class TrainConfig(RayTrainRunConfig):
         })
 
 
+# LAVIS checkpoint files, which --init converts (a folder is a Q-Former folder).
+LAVIS_CHECKPOINT_SUFFIXES = (".pth", ".pt")
+
+
+def is_lavis_checkpoint(source: str | None) -> bool:
+    return source is not None and source.endswith(LAVIS_CHECKPOINT_SUFFIXES)
+
+
 class PretrainQFormerConfig(RayTrainRunConfig):
     """One run of ``pretrain-qformer``: stage 1, BLIP-2's representation learning of the Q-Former on
     image-text shards. The defaults are LAVIS's (``blip2/train/pretrain_stage1.yaml`` and ``Blip2Qformer``)."""
@@ -133,7 +141,8 @@ class PretrainQFormerConfig(RayTrainRunConfig):
     model: Literal["tiny", "blip-diffusion"] = Field(
         "blip-diffusion", description="size of a random model (without clip and bert, or init)")
     clip: str | None = Field(None, description="CLIP model (folder or hub id) whose vision tower, without its "
-                                               "last layer, is the frozen image encoder")
+                                               "last layer, is the frozen image encoder (with bert, or with a "
+                                               "LAVIS init that holds no image encoder)")
     bert: str | None = Field(None, description="with clip: BERT (folder or hub id) the Q-Former starts from, "
                                                "and its tokenizer")
     init: str | None = Field(None, description="instead of clip and bert: a Q-Former folder to start from "
@@ -158,10 +167,11 @@ class PretrainQFormerConfig(RayTrainRunConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PretrainQFormerConfig":
-        if bool(self.clip) != bool(self.bert):
-            raise ValueError("clip and bert go together (the image encoder and the Q-Former's start)")
-        if self.init and self.clip:
-            raise ValueError("give either init, or clip with bert, not both")
+        if self.bert and (not self.clip or self.init):
+            raise ValueError("bert goes with clip and without init (the start from scratch)")
+        if self.clip and not (self.bert or is_lavis_checkpoint(self.init)):
+            raise ValueError("clip goes with bert (the start from scratch) or with a LAVIS .pth init (the "
+                             "image encoder that its checkpoint lacks)")
         if self.warmup_lr > self.lr or self.min_lr > self.lr:
             raise ValueError("warmup_lr and min_lr are at most lr")
         return self

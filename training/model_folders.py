@@ -22,6 +22,8 @@ from subjectpairs.errors import InputError
 DEFAULT_QFORMER_TOKENIZER = "bert-base-uncased"
 # What an export names: its own qformer/ folder, relative to the model folder (see load_qformer_tokenizer).
 EXPORT_QFORMER_TOKENIZER = "qformer"
+# BLIP-2's beginning-of-sequence token of the Q-Former's caption decoder, which diffusers adds too.
+DECODER_BOS_TOKEN = "[DEC]"
 # Category words that every usable tokenizer has as tokens, the tiny test vocabularies included.
 PROBE_WORDS = ("dog", "cup", "car")
 QFORMER_TOKENIZER_HINT = ("pass a BERT tokenizer folder or hub id: --set qformer_tokenizer=FOLDER (train), "
@@ -112,13 +114,20 @@ def load_qformer_tokenizer(qformer: str | Path, override: str | None = None) -> 
     else:
         source, inner, origin = DEFAULT_QFORMER_TOKENIZER, "", f"none named or saved in {qformer}, so the default"
     described = f"Q-Former tokenizer {source}{f'/{inner}' if inner else ''} ({origin})"
+    return load_bert_tokenizer(source, inner, described, QFORMER_TOKENIZER_HINT)
+
+
+def load_bert_tokenizer(source: str, subfolder: str, described: str, hint: str) -> BertTokenizer:
+    """A BERT tokenizer that truncates on the right and tokenizes common words, with ``[DEC]`` as its
+    beginning-of-sequence token; an InputError naming ``described``
+    and ``hint`` otherwise."""
     try:
-        tokenizer = BertTokenizer.from_pretrained(source, subfolder=inner, truncation_side="right")
+        tokenizer = BertTokenizer.from_pretrained(source, subfolder=subfolder, truncation_side="right")
     except (OSError, ValueError) as exc:
-        raise InputError(f"{described}: cannot load it ({str(exc).splitlines()[0]}); {QFORMER_TOKENIZER_HINT}") from exc
-    check_tokenizes(tokenizer, described, QFORMER_TOKENIZER_HINT)
-    if "[DEC]" not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        raise InputError(f"{described}: cannot load it ({str(exc).splitlines()[0]}); {hint}") from exc
+    check_tokenizes(tokenizer, described, hint)
+    if DECODER_BOS_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"bos_token": DECODER_BOS_TOKEN})
     return tokenizer
 
 

@@ -42,11 +42,16 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from subjectpairs.errors import InputError
 
-from .model_folders import load_component, load_qformer_tokenizer, qformer_subfolder, save_qformer_folder
+from .model_folders import (
+    DECODER_BOS_TOKEN,
+    load_component,
+    load_qformer_tokenizer,
+    qformer_subfolder,
+    save_qformer_folder,
+)
 from .qformer import SubjectQFormer
 from .trainable_weights import TrainableWeights
 
-DECODER_BOS_TOKEN = "[DEC]"
 # LAVIS's similarity for a pair itself when drawing its hard negatives: (almost) never drawn, yet a batch of
 # one pair still draws (itself) instead of failing on all-zero weights.
 OWN_PAIR_SIMILARITY = -10000.0

@@ -25,7 +25,7 @@ from subjectpairs.configfile import CONFIG_FILE, read_config
 from subjectpairs.errors import InputError
 from subjectpairs.guards import refuse_overlap
 
-from .config import PretrainQFormerConfig
+from .config import PretrainQFormerConfig, is_lavis_checkpoint
 from .rank_trainer import TRAINABLE_FILE
 from .trainer import (
     BASE_DIR,
@@ -41,7 +41,6 @@ from .trainer import (
 )
 
 QFORMER_DIR = "qformer"  # RUN/qformer: the stage-1 result, for train --qformer
-LAVIS_CHECKPOINT_SUFFIXES = (".pth", ".pt")
 COMMAND = "pretrain-qformer"
 
 
@@ -49,10 +48,6 @@ def pretraining_settings(config: PretrainQFormerConfig):
     from .qformer_pretraining import QFormerPretrainingConfig
 
     return QFormerPretrainingConfig(embed_dim=config.embed_dim, max_txt_len=config.max_txt_len)
-
-
-def is_lavis_checkpoint(source: str | None) -> bool:
-    return source is not None and source.endswith(LAVIS_CHECKPOINT_SUFFIXES)
 
 
 def starting_model(config: PretrainQFormerConfig, scratch: str):
@@ -68,14 +63,13 @@ def starting_model(config: PretrainQFormerConfig, scratch: str):
         torch.manual_seed(config.seed)
         if is_lavis_checkpoint(config.init):
             local = config.init if not storage.is_remote(config.init) else _download(config.init, scratch)
-            qformer, heads, tokenizer = qformer_from_lavis(local, tokenizer=config.qformer_tokenizer or
-                                                           "bert-base-uncased")
+            qformer, heads, tokenizer = qformer_from_lavis(local, clip=config.clip, tokenizer=config.qformer_tokenizer)
             return QFormerPretraining(qformer, tokenizer, settings, heads)
         if config.init:
             source = _local_folder(config.init, scratch) if _is_folder_uri(config.init) else config.init
             return QFormerPretraining.from_pretrained(source, config.qformer_tokenizer, settings)
         if config.clip:
-            qformer, heads, tokenizer = qformer_from_clip_and_bert(config.clip, config.bert, seed=config.seed)
+            qformer, heads, tokenizer = qformer_from_clip_and_bert(config.clip, config.bert, config=settings)
             return QFormerPretraining(qformer, tokenizer, settings, heads)
         return _random_model(config, scratch)
 
@@ -86,7 +80,8 @@ def _random_model(config: PretrainQFormerConfig, scratch: str):
     step as a real one)."""
     from .presets import model_configs
     from .qformer import SubjectQFormer
-    from .qformer_pretraining import DECODER_BOS_TOKEN, QFormerPretraining
+    from .model_folders import DECODER_BOS_TOKEN
+    from .qformer_pretraining import QFormerPretraining
     from .tiny_tokenizers import tiny_bert_tokenizer
 
     tokenizer = tiny_bert_tokenizer(Path(scratch) / "bert")

@@ -15,15 +15,16 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from subjectpairs.cli import app
+from subjectpairs.configfile import CONFIG_FILE, config_yaml
 from subjectpairs.errors import InputError
 from subjectpairs.training.config import PretrainQFormerConfig, TrainConfig
-from subjectpairs.training.data import StreamPosition
 from subjectpairs.training.image_text_data import ImageTextBatchReader, resolve_image_text_shards
 from subjectpairs.training.qformer_pretraining import PRETRAINING_HEADS_FILE, QFormerPretraining
 from subjectpairs.training.qformer_pretraining_job import (
     QFORMER_DIR,
     _random_model,
     run_qformer_pretraining,
+    with_decay_steps,
 )
 from subjectpairs.training.rank_trainer import QFormerTrainer, warmup_cosine_lr
 from subjectpairs.training.trainer import run_training
@@ -121,6 +122,17 @@ def test_a_stage_1_folder_round_trips_with_its_heads(tmp_path):
     assert loaded.decoder_bos_id == model.decoder_bos_id
 
 
+def test_the_cosine_schedule_is_fixed_at_the_runs_first_start(tmp_path):
+    out = tmp_path / "run"
+    first = with_decay_steps(settings(tmp_path, out, max_steps=10))
+    assert first.lr_decay_steps == 10
+    out.mkdir()
+    (out / CONFIG_FILE).write_bytes(config_yaml(first, "pretrain-qformer"))
+    assert with_decay_steps(settings(tmp_path, out, max_steps=20, resume=True)).lr_decay_steps == 10
+    assert with_decay_steps(settings(tmp_path, out, max_steps=20, resume=True, lr_decay_steps=15)).lr_decay_steps == 15
+    assert with_decay_steps(settings(tmp_path, tmp_path / "other", max_steps=20)).lr_decay_steps == 20
+
+
 # -- the job ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -149,7 +161,9 @@ def test_two_workers_log_every_loss_and_write_the_qformer_folder(two_worker_run)
 def test_a_resumed_run_logs_the_same_losses_and_ends_with_the_same_qformer(two_worker_run, image_text, tmp_path):
     out, uninterrupted = two_worker_run
     interrupted = tmp_path / "run"
-    pretrain(image_text, interrupted, max_steps=2)
+    # a run planned for 4 steps, stopped after 2: its schedule was fixed at its start, and the resumption
+    # (which does not name it) keeps it
+    pretrain(image_text, interrupted, max_steps=2, lr_decay_steps=4)
     resumed = pretrain(image_text, interrupted, max_steps=4, resume=True)
     for ours, theirs in zip(resumed, uninterrupted, strict=True):
         assert ours["step"] == theirs["step"]
@@ -158,8 +172,7 @@ def test_a_resumed_run_logs_the_same_losses_and_ends_with_the_same_qformer(two_w
     expected = load_file(out / QFORMER_DIR / "model.safetensors")
     for name, tensor in load_file(interrupted / QFORMER_DIR / "model.safetensors").items():
         assert torch.allclose(tensor, expected[name], atol=1e-6), name
-    # the cosine was fixed at the first start: max_steps 2, kept by the resumption
-    assert "lr_decay_steps: 2" in (interrupted / "config.yaml").read_text()
+    assert "lr_decay_steps: 4" in (interrupted / "config.yaml").read_text()
 
 
 def test_the_result_starts_a_stage_2_run(two_worker_run, ray_local, tmp_path):
@@ -193,19 +206,19 @@ def test_bad_flags_fail_in_the_driver_and_leave_nothing(image_text, tmp_path):
         run_qformer_pretraining(settings(image_text, out, batch_size=50))
     with pytest.raises(InputError, match="--shards"):
         run_qformer_pretraining(settings(tmp_path / "no-shards", out))
-    with pytest.raises(ValueError, match="go together"):
+    with pytest.raises(ValueError, match="clip goes with bert"):
         settings(image_text, out, clip="openai/clip-vit-large-patch14")
     assert not out.exists()
 
 
 def test_the_command_line_runs_stage_1(ray_local, image_text, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "pretrain-qformer", "--shards", str(image_text), "--out", str(out), "--model", "tiny", "--workers", "1",
-        "--batch-size", "2", "--max-steps", "1", "--set", "loader_workers=0", "--set", "warmup_steps=0"])
+    arguments = ["pretrain-qformer", "--shards", str(image_text), "--out", str(out), "--model", "tiny",
+                 "--workers", "1", "--batch-size", "2", "--max-steps", "1", "--set", "loader_workers=0",
+                 "--set", "warmup_steps=0"]
+    result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert "pre-trained to step 1 (from 0)" in result.output and f"{out}/{QFORMER_DIR}" in result.output
     assert (out / QFORMER_DIR / "model.safetensors").is_file()
-    again = CliRunner().invoke(app, ["pretrain-qformer", "--shards", str(image_text), "--out", str(out),
-                                     "--model", "tiny", "--max-steps", "1"])
+    again = CliRunner().invoke(app, arguments)
     assert again.exit_code != 0 and "--resume" in again.output

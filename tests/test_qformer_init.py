@@ -194,7 +194,8 @@ def lavis_state(vision: LavisVisionTransformer | None, vocab: int, layers: int =
     bert = "Qformer.bert."
     state.update({f"{bert}embeddings.word_embeddings.weight": rand(vocab, width),
                   f"{bert}embeddings.position_embeddings.weight": rand(64, width),
-                  f"{bert}embeddings.LayerNorm.weight": 1 + rand(width), f"{bert}embeddings.LayerNorm.bias": rand(width),
+                  f"{bert}embeddings.LayerNorm.weight": 1 + rand(width),
+                  f"{bert}embeddings.LayerNorm.bias": rand(width),
                   f"{bert}embeddings.position_ids": torch.arange(64)[None]})
 
     def linear(prefix, out_features, in_features):
@@ -303,7 +304,8 @@ def test_bad_lavis_checkpoints_are_one_line_errors(tmp_path, lavis_tokenizer_fol
     with pytest.raises(InputError, match="word embeddings"):
         qformer_from_lavis(wrong_vocab, tokenizer=str(lavis_tokenizer_folder))
     del state["Qformer.bert.encoder.layer.1.output.dense.weight"]
-    state["Qformer.bert.embeddings.word_embeddings.weight"] = state["Qformer.bert.embeddings.word_embeddings.weight"][:-5]
+    words = "Qformer.bert.embeddings.word_embeddings.weight"
+    state[words] = state[words][:-5]
     truncated = tmp_path / "truncated.pth"
     torch.save({"model": state}, truncated)
     with pytest.raises(InputError, match="output.dense.weight"):

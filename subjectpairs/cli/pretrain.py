@@ -23,6 +23,7 @@ def pretrain_qformer_command(
     clip: Annotated[Optional[str], typer.Option(help=_help("clip"))] = None,
     bert: Annotated[Optional[str], typer.Option(help=_help("bert"))] = None,
     init: Annotated[Optional[str], typer.Option(help=_help("init"))] = None,
+    qformer_tokenizer: Annotated[Optional[str], typer.Option(help=_help("qformer_tokenizer"))] = None,
     workers: Annotated[Optional[int], typer.Option(help=_help("workers"))] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(help=_help("gpus_per_worker"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_help("batch_size"))] = None,
@@ -39,6 +40,7 @@ def pretrain_qformer_command(
 
     settings = load_config(PretrainQFormerConfig, config, {
         "shards": comma_list(shards), "out": out, "model": model, "clip": clip, "bert": bert, "init": init,
+        "qformer_tokenizer": qformer_tokenizer,
         "workers": workers, "gpus_per_worker": gpus_per_worker, "batch_size": batch_size, "max_steps": max_steps,
         "seed": seed, "resume": resume or None, "address": address, **parse_settings(set_),
     })

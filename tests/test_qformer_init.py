@@ -17,7 +17,7 @@ from subjectpairs.errors import InputError
 from subjectpairs.training.config import PretrainQFormerConfig
 from subjectpairs.training.qformer_init import qformer_from_clip_and_bert, qformer_from_lavis
 from subjectpairs.training.qformer_pretraining import QFormerPretraining, tokenize_captions
-from subjectpairs.training.qformer_pretraining_job import starting_model
+from subjectpairs.training.qformer_pretraining_job import check_sources, starting_model
 from subjectpairs.training.tiny_tokenizers import tiny_bert_tokenizer
 
 CAPTIONS = ["a dog on the grass", "a red car"]
@@ -272,14 +272,21 @@ def test_lavis_checkpoint_converts_to_the_same_passes(tmp_path, lavis_tokenizer_
     assert all(torch.isfinite(value) for value in losses.values())
 
 
-def test_lavis_checkpoint_without_image_encoder_takes_it_from_clip(tmp_path, clip_folder, lavis_tokenizer_folder):
-    state = lavis_state(None, vocab_with_dec(tmp_path))
+def trained_only_checkpoint(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A LAVIS checkpoint as its runner saves one: no frozen image encoder, the rest for the tiny CLIP's
+    width."""
+    state = lavis_state(None, vocab_with_dec(folder))
     state["ln_vision.weight"], state["ln_vision.bias"] = torch.ones(32), torch.zeros(32)
     for name in [n for n in state if ".crossattention.self.key." in n or ".crossattention.self.value." in n]:
         if name.endswith("weight"):
             state[name] = state[name][:, :32]
-    checkpoint = tmp_path / "trained-only.pth"
+    checkpoint = folder / "trained-only.pth"
     torch.save({"model": state}, checkpoint)
+    return checkpoint, state
+
+
+def test_lavis_checkpoint_without_image_encoder_takes_it_from_clip(tmp_path, clip_folder, lavis_tokenizer_folder):
+    checkpoint, _ = trained_only_checkpoint(tmp_path)
     with pytest.raises(InputError, match="--clip"):
         qformer_from_lavis(checkpoint, tokenizer=str(lavis_tokenizer_folder))
     qformer, _, _ = qformer_from_lavis(checkpoint, clip=str(clip_folder), tokenizer=str(lavis_tokenizer_folder))
@@ -287,6 +294,18 @@ def test_lavis_checkpoint_without_image_encoder_takes_it_from_clip(tmp_path, cli
     with torch.no_grad():
         expected = clip(pixel_values=pixels(), output_hidden_states=True).hidden_states[-2]
         torch.testing.assert_close(qformer.visual_encoder.tokens(pixels()), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_job_converts_a_lavis_init_with_its_clip(tmp_path, clip_folder, lavis_tokenizer_folder):
+    checkpoint, state = trained_only_checkpoint(tmp_path)
+    config = PretrainQFormerConfig(shards=["unused"], out=str(tmp_path / "run"), init=str(checkpoint),
+                                   clip=str(clip_folder), qformer_tokenizer=str(lavis_tokenizer_folder))
+    check_sources(config)
+    model = starting_model(config, str(tmp_path))
+    assert torch.equal(model.qformer.query_tokens, state["query_tokens"][:, :16])
+    assert torch.equal(model.heads.text_proj.weight, state["text_proj.weight"])
+    with pytest.raises(InputError, match="--clip"):
+        check_sources(config.model_copy(update={"clip": str(tmp_path / "no-clip")}))
 
 
 def test_bad_lavis_checkpoints_are_one_line_errors(tmp_path, lavis_tokenizer_folder):

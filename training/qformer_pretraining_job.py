@@ -172,9 +172,9 @@ def check_sources(config: PretrainQFormerConfig) -> None:
     """The model flags, checked in the driver before Ray starts."""
     from .model_folders import check_model_source, load_qformer_tokenizer, qformer_subfolder
 
-    if config.clip:
-        check_model_source("--clip", config.clip, "config.json")
-        check_model_source("--bert", config.bert, "config.json")
+    for flag, source in (("--clip", config.clip), ("--bert", config.bert)):
+        if source:
+            check_model_source(flag, source, "config.json")
     if is_lavis_checkpoint(config.init):
         if not storage.exists(config.init) or storage.is_dir(config.init):
             raise InputError(f"--init {config.init}: no such checkpoint file")

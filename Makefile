@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/quality_distributions.py
 	# full size on a GPU; on a CPU a tiny-model smoke check (the GPU figures are in the README)
 	$(BIN)/python benchmarks/train_bench.py --variants eager,channels_last
+	$(BIN)/python benchmarks/pretrain_bench.py
 
 clean:
 	rm -rf $(VENV) demo benchmarks/.data .pytest_cache

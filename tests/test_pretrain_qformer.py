@@ -22,7 +22,7 @@ from subjectpairs.training.image_text_data import ImageTextBatchReader, resolve_
 from subjectpairs.training.qformer_pretraining import PRETRAINING_HEADS_FILE, QFormerPretraining
 from subjectpairs.training.qformer_pretraining_job import (
     QFORMER_DIR,
-    _random_model,
+    random_model,
     run_qformer_pretraining,
     with_decay_steps,
 )
@@ -63,7 +63,7 @@ def pretrain(shards: Path, out: Path, **overrides) -> list[dict]:
 def tiny_pretraining(tmp_path: Path, **overrides) -> tuple[PretrainQFormerConfig, QFormerPretraining]:
     config = settings(tmp_path / "shards", tmp_path / "run", workers=1, **overrides)
     torch.manual_seed(0)
-    return config, _random_model(config, str(tmp_path / "scratch")).train()
+    return config, random_model(config, str(tmp_path / "scratch")).train()
 
 
 # -- one rank ------------------------------------------------------------------------------------------

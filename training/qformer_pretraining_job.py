@@ -71,10 +71,10 @@ def starting_model(config: PretrainQFormerConfig, scratch: str):
         if config.clip:
             qformer, heads, tokenizer = qformer_from_clip_and_bert(config.clip, config.bert, config=settings)
             return QFormerPretraining(qformer, tokenizer, settings, heads)
-        return _random_model(config, scratch)
+        return random_model(config, scratch)
 
 
-def _random_model(config: PretrainQFormerConfig, scratch: str):
+def random_model(config: PretrainQFormerConfig, scratch: str):
     """A random Q-Former of the ``model`` preset on a random image encoder, with the small locally built
     BERT tokenizer (tests, the demo, throughput benchmarks: a random full-size model costs the same per
     step as a real one)."""

@@ -94,10 +94,13 @@ def test_the_optimizer_decays_weight_matrices_only_and_follows_lavis_schedule(tm
     assert decayed["weight_decay"] == 0.05 and kept["weight_decay"] == 0.0
     names = {id(p): name for name, p in model.named_parameters()}
     kept_names = {names[id(p)] for p in kept["params"]}
-    assert "heads.temp" in kept_names and "qformer.visual_encoder.post_layernorm.weight" in kept_names
-    assert all(names[id(p)].endswith("weight") or names[id(p)] == "qformer.query_tokens"
-               for p in decayed["params"])
-    assert "qformer.query_tokens" in {names[id(p)] for p in decayed["params"]}
+    assert "qformer.visual_encoder.post_layernorm.weight" in kept_names and "heads.lm_head.bias" in kept_names
+    assert all(p.ndim == 1 for p in kept["params"])
+    # LAVIS decays every parameter of more or fewer than one dimension that is no bias: the queries and the
+    # 0-d temperature too
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    assert {"qformer.query_tokens", "heads.temp", "heads.itm_head.weight"} <= decayed_names
+    assert not any(name.endswith(".bias") for name in decayed_names)
     # frozen parts are in no group
     grouped = {names[id(p)] for group in (decayed, kept) for p in group["params"]}
     assert not any(name.startswith(("qformer.visual_encoder.encoder", "qformer.proj_layer")) for name in grouped)
@@ -120,6 +123,9 @@ def test_a_stage_1_folder_round_trips_with_its_heads(tmp_path):
     before, after = model.state_dict(), loaded.state_dict()
     assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
     assert loaded.decoder_bos_id == model.decoder_bos_id
+    (folder / PRETRAINING_HEADS_FILE).write_bytes(b"damaged")
+    with pytest.raises(InputError, match=PRETRAINING_HEADS_FILE):
+        QFormerPretraining.from_pretrained(str(folder))
 
 
 def test_the_cosine_schedule_is_fixed_at_the_runs_first_start(tmp_path):
@@ -193,8 +199,11 @@ def test_the_result_starts_a_stage_2_run(two_worker_run, ray_local, tmp_path):
     assert (trained["qformer.query_tokens"] - stage1["query_tokens"]).abs().max() < 1e-3
 
 
-def test_bad_flags_fail_in_the_driver_and_leave_nothing(image_text, tmp_path):
+def test_bad_flags_fail_in_the_driver_and_leave_nothing(image_text, tmp_path, caplog):
     out = tmp_path / "run"
+    with pytest.raises(InputError, match="--shards"):  # warned first: 5000 warm-up steps of 4
+        run_qformer_pretraining(settings(tmp_path / "no-shards", out, warmup_steps=5000))
+    assert "the whole run warms up" in caplog.text
     with pytest.raises(InputError, match="--init .*no such"):
         run_qformer_pretraining(settings(image_text, out, init=str(tmp_path / "missing" / "qformer")))
     (tmp_path / "empty").mkdir()

@@ -11,7 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM, BertModel, CLIPConfig, CLIPModel, CLIPVisionModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
 
 from subjectpairs.errors import InputError
 from subjectpairs.training.config import PretrainQFormerConfig
@@ -114,6 +122,19 @@ def test_queries_and_cross_attention_are_new_and_query_layers_copy_berts(bert_fo
     assert heads.vision_proj.out_features == 256
     # the queries are drawn at random (not BLIP-Diffusion's zeros), so they differ from one another
     assert qformer.query_tokens.std() > 0.005
+
+
+def test_a_vision_only_clip_keeps_its_activation(tmp_path, bert_folder):
+    """Not every CLIP uses OpenAI's QuickGELU (open_clip's LAION conversions use GELU)."""
+    torch.manual_seed(6)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=32, patch_size=8, hidden_act="gelu"))
+    clip.save_pretrained(tmp_path / "clip")
+    qformer, _, _ = qformer_from_clip_and_bert(str(tmp_path / "clip"), str(bert_folder))
+    assert qformer.config.vision_config.hidden_act == "gelu"
+    with torch.no_grad():
+        expected = clip.eval()(pixel_values=pixels(), output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(qformer.visual_encoder.tokens(pixels()), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_clip_and_bert_are_checked_with_the_flag_named(tmp_path, clip_folder, bert_folder):
@@ -299,13 +320,17 @@ def test_lavis_checkpoint_without_image_encoder_takes_it_from_clip(tmp_path, cli
 def test_the_job_converts_a_lavis_init_with_its_clip(tmp_path, clip_folder, lavis_tokenizer_folder):
     checkpoint, state = trained_only_checkpoint(tmp_path)
     config = PretrainQFormerConfig(shards=["unused"], out=str(tmp_path / "run"), init=str(checkpoint),
-                                   clip=str(clip_folder), qformer_tokenizer=str(lavis_tokenizer_folder))
+                                   clip=str(clip_folder), qformer_tokenizer=str(lavis_tokenizer_folder),
+                                   embed_dim=24)
     check_sources(config)
     model = starting_model(config, str(tmp_path))
     assert torch.equal(model.qformer.query_tokens, state["query_tokens"][:, :16])
     assert torch.equal(model.heads.text_proj.weight, state["text_proj.weight"])
     with pytest.raises(InputError, match="--clip"):
         check_sources(config.model_copy(update={"clip": str(tmp_path / "no-clip")}))
+    # its heads are 24 wide: a run that says otherwise is refused, not silently changed
+    with pytest.raises(InputError, match="embed_dim=24"):
+        starting_model(config.model_copy(update={"embed_dim": 256}), str(tmp_path))
 
 
 def test_bad_lavis_checkpoints_are_one_line_errors(tmp_path, lavis_tokenizer_folder):

@@ -67,11 +67,12 @@ def _from_pretrained(cls, source: str, flag: str, optional_prefixes: tuple[str, 
 
 
 def _vision_config(width: int, layers: int, heads: int, intermediate: int, image_size: int, patch: int,
-                   eps: float = 1e-5) -> dict:
-    """The frozen encoder's config: CLIP's ViT in BLIP-2's layout, ``layers`` layers."""
+                   eps: float = 1e-5, activation: str = "quick_gelu") -> dict:
+    """The frozen encoder's config: CLIP's ViT in BLIP-2's layout, ``layers`` layers (OpenAI's CLIPs, LAVIS's
+    ``clip_vit`` included, use QuickGELU)."""
     return {"hidden_size": width, "intermediate_size": intermediate, "num_hidden_layers": layers,
             "num_attention_heads": heads, "image_size": image_size, "patch_size": patch,
-            "hidden_act": "quick_gelu", "layer_norm_eps": eps, "qkv_bias": True}
+            "hidden_act": activation, "layer_norm_eps": eps, "qkv_bias": True}
 
 
 def _qformer_config(vision: dict, qformer: dict, num_query_tokens: int) -> Blip2Config:
@@ -121,7 +122,8 @@ def load_clip_vision(clip: str) -> tuple[CLIPVisionModel, dict]:
     if config.num_hidden_layers < 2:
         raise InputError(f"--clip {clip}: {config.num_hidden_layers} layer; BLIP-2 drops the last of at least 2")
     vision = _vision_config(config.hidden_size, config.num_hidden_layers - 1, config.num_attention_heads,
-                            config.intermediate_size, config.image_size, config.patch_size, config.layer_norm_eps)
+                            config.intermediate_size, config.image_size, config.patch_size, config.layer_norm_eps,
+                            config.hidden_act)
     return model, vision
 
 
@@ -196,7 +198,7 @@ def _load_exactly(qformer: SubjectQFormer, weights: dict[str, torch.Tensor], new
     own = qformer.state_dict()
     for name, tensor in weights.items():
         if name not in own:
-            raise AssertionError(f"conversion made an unknown weight {name}")
+            raise InputError(f"{source}: has a weight that the Q-Former does not ({name})")
         if own[name].shape != tensor.shape:
             raise InputError(f"{source}: {name} is {tuple(tensor.shape)}, the Q-Former needs {tuple(own[name].shape)}")
     uncovered = [name for name in own if name not in weights and not any(part in name for part in new)]

@@ -183,14 +183,18 @@ class QFormerPretraining(TrainableWeights):
         heads_file = Path(source, subfolder, PRETRAINING_HEADS_FILE)
         heads = None
         if heads_file.is_file():
-            weights = load_file(heads_file)
-            heads = QFormerPretrainingHeads(qformer.config.qformer_config, weights["vision_proj.weight"].shape[0],
-                                            config.initial_temperature)
             try:
+                weights = load_file(heads_file)
+                heads = QFormerPretrainingHeads(qformer.config.qformer_config, weights["vision_proj.weight"].shape[0],
+                                                config.initial_temperature)
                 heads.load_state_dict(weights)
-            except RuntimeError as exc:
-                raise InputError(f"{heads_file}: does not fit the Q-Former ({str(exc).splitlines()[0]})") from exc
-        return cls(qformer, tokenizer, config, heads)
+            except Exception as exc:  # safetensors raises its own error types for a damaged file
+                raise InputError(f"{heads_file}: not stage-1 heads that fit the Q-Former "
+                                 f"({str(exc).splitlines()[0]})") from exc
+        try:
+            return cls(qformer, tokenizer, config, heads)
+        except ValueError as exc:  # a tokenizer that does not fit the Q-Former's embeddings
+            raise InputError(f"{source}: {exc}") from exc
 
     def save_pretrained(self, folder: str | Path) -> Path:
         folder = save_qformer_folder(self.qformer, self.tokenizer, Path(folder))

@@ -11,11 +11,13 @@ written as ``RUN/qformer/``, the folder that ``train --qformer`` takes.
 The starting model is one of: a CLIP model's vision tower and a BERT (``clip`` and ``bert``, as the paper
 and LAVIS start: :func:`~.qformer_init.qformer_from_clip_and_bert`); ``init``, a Q-Former folder (a
 previous stage 1, a BLIP-Diffusion folder) or LAVIS's ``blip2_pretrain_vitL`` checkpoint file (``.pth``,
-converted by :func:`~.qformer_init.qformer_from_lavis`); else random weights of the ``model`` preset.
+converted by :func:`~.qformer_init.qformer_from_lavis`, its image encoder from ``clip`` where the file has
+none); else random weights of the ``model`` preset.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,6 +44,7 @@ from .trainer import (
 
 QFORMER_DIR = "qformer"  # RUN/qformer: the stage-1 result, for train --qformer
 COMMAND = "pretrain-qformer"
+log = logging.getLogger(__name__)
 
 
 def pretraining_settings(config: PretrainQFormerConfig):
@@ -52,7 +55,15 @@ def pretraining_settings(config: PretrainQFormerConfig):
 
 def starting_model(config: PretrainQFormerConfig, scratch: str):
     """The run's starting :class:`~.qformer_pretraining.QFormerPretraining`, its new weights drawn from
-    ``config.seed``."""
+    ``config.seed``; a start whose heads are of another width than ``embed_dim`` is refused."""
+    model = _starting_model(config, scratch)
+    if model.config.embed_dim != config.embed_dim:
+        raise InputError(f"--init {config.init}: its contrastive heads are {model.config.embed_dim} wide; "
+                         f"set embed_dim={model.config.embed_dim} (--set) to continue from them")
+    return model
+
+
+def _starting_model(config: PretrainQFormerConfig, scratch: str):
     import torch
 
     from .qformer_init import qformer_from_clip_and_bert, qformer_from_lavis
@@ -218,5 +229,9 @@ def run_qformer_pretraining(config: PretrainQFormerConfig, progress: bool = True
                                 if (value := getattr(config, name)) is not None and _is_folder_uri(value)})
     check_sources(config)
     config = with_decay_steps(config.with_absolute_paths())
+    if config.warmup_steps >= config.lr_decay_steps:
+        log.warning("warmup_steps %d reach past lr_decay_steps %d: the whole run warms up, its learning rate "
+                    "stays below lr %g (set warmup_steps for a short run)", config.warmup_steps,
+                    config.lr_decay_steps, config.lr)
     check_shards(config)
     return run_locked(config, COMMAND, pretrain_loop, save_base, progress, finish=export_qformer)

@@ -179,7 +179,7 @@ def warmup_cosine_lr(step: int, *, lr: float, warmup_lr: float, warmup_steps: in
 class QFormerTrainer(RankTrainer):
     """Stage 1: the Q-Former and its pre-training heads (:class:`~.qformer_pretraining.QFormerPretraining`)
     on image-text batches (:class:`~.image_text_data.ImageTextBatchReader`), LAVIS's optimizer: no weight
-    decay on biases, LayerNorms and other 1-D parameters, warm-up and cosine decay. ``gather`` shares the
+    decay on biases and other 1-D parameters (LayerNorms), warm-up and cosine decay. ``gather`` shares the
     negatives between ranks (None: one process); the hard negatives are drawn from a generator seeded by
     ``seed``, which the rank's checkpoint keeps."""
 
@@ -194,7 +194,8 @@ class QFormerTrainer(RankTrainer):
         decayed, kept = [], []
         for name, parameter in self.model.named_parameters():
             if parameter.requires_grad:
-                no_decay = parameter.ndim < 2 or name.endswith("bias") or "layernorm" in name.lower()
+                # LAVIS's rule: vectors (biases, LayerNorms) and biases are not decayed; the 0-d temperature is
+                no_decay = parameter.ndim == 1 or name.endswith(".bias")
                 (kept if no_decay else decayed).append(parameter)
         return [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
 

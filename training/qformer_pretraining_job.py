@@ -35,11 +35,13 @@ from .trainer import (
     _is_folder_uri,
     _local_folder,
     check_batch_plan,
+    distribute,
     latest_checkpoint,
     restore_rank,
     run_locked,
     run_steps,
     seed_rank,
+    this_worker,
 )
 
 QFORMER_DIR = "qformer"  # RUN/qformer: the stage-1 result, for train --qformer
@@ -128,36 +130,29 @@ def load_base(config: PretrainQFormerConfig, scratch: str):
 
 def pretrain_loop(config_dict: dict) -> None:
     """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-
     from subjectpairs.seeds import stable_seed
 
     from .image_text_data import ImageTextBatchReader, resolve_image_text_shards
     from .qformer_pretraining import process_group_gather
-    from .rank_trainer import Collectives, QFormerTrainer
+    from .rank_trainer import QFormerTrainer
 
     config = PretrainQFormerConfig.model_validate(config_dict)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    ranks = Collectives(world, device)
-    scratch = tempfile.mkdtemp(prefix="subjectpairs-pretrain-")
+    worker = this_worker("subjectpairs-pretrain-")
+    rank, scratch = worker.rank, worker.scratch
 
-    model = load_base(config, scratch).to(device).train()
-    trainer = QFormerTrainer(config, model, device, seed=stable_seed(config.seed, "hard-negatives", rank),
-                             gather=process_group_gather() if ranks.distributed else None)
+    model = load_base(config, scratch).to(worker.device).train()
+    trainer = QFormerTrainer(config, model, worker.device, seed=stable_seed(config.seed, "hard-negatives", rank),
+                             gather=process_group_gather() if worker.ranks.distributed else None)
     seed_rank(config.seed, rank)
     position = restore_rank(trainer, config.out, rank, scratch)
-    trainer.network = ray.train.torch.prepare_model(model, move_to_device=False,
-                                                    parallel_strategy_kwargs={"broadcast_buffers": False})
-    trainer.network.train()
+    distribute(trainer)
     reader = ImageTextBatchReader(
-        resolve_image_text_shards(config.shards), rank=rank, world_size=world, num_workers=config.loader_workers,
-        batch_size=config.batch_size, seed=config.seed, image_size=model.qformer.config.vision_config.image_size,
-        shuffle_buffer=config.shuffle_buffer, position=position,
+        resolve_image_text_shards(config.shards), rank=rank, world_size=worker.world,
+        num_workers=config.loader_workers, batch_size=config.batch_size, seed=config.seed,
+        image_size=model.qformer.config.vision_config.image_size, shuffle_buffer=config.shuffle_buffer,
+        position=position,
     )
-    run_steps(config, trainer, reader, ranks, rank=rank, scratch=scratch)
+    run_steps(config, trainer, reader, worker.ranks, rank=rank, scratch=scratch)
     shutil.rmtree(scratch, ignore_errors=True)
 
 

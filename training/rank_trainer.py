@@ -83,10 +83,6 @@ class RankTrainer:
         """The batch's losses through ``network``; ``loss`` is the one optimised."""
         raise NotImplementedError
 
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
     def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One optimizer step on ``batch``; returns this rank's losses, detached."""
         for group in self.optimizer.param_groups:  # from the step alone, so a resumed run has it too

@@ -216,32 +216,57 @@ def _start_rank(config: TrainConfig, rank: int, device, scratch: str):
     return trainer, restore_rank(trainer, config.out, rank, scratch)
 
 
-def train_loop(config_dict: dict) -> None:
-    """Runs on every Ray Train worker."""
+@dataclass(frozen=True)
+class Worker:
+    """A Ray Train worker's place: its ``rank`` among ``world`` workers, its ``device``, the collectives
+    over the workers (``ranks``) and a ``scratch`` folder of its own."""
+
+    rank: int
+    world: int
+    device: object
+    ranks: object
+    scratch: str
+
+
+def this_worker(scratch_prefix: str) -> Worker:
+    """The calling Ray Train worker's :class:`Worker`."""
     import ray.train
     import ray.train.torch
 
+    from .rank_trainer import Collectives
+
+    context = ray.train.get_context()
+    world, device = context.get_world_size(), ray.train.torch.get_device()
+    return Worker(rank=context.get_world_rank(), world=world, device=device, ranks=Collectives(world, device),
+                  scratch=tempfile.mkdtemp(prefix=scratch_prefix))
+
+
+def distribute(trainer) -> None:
+    """The trainer's forward passes through DDP from here on (its model already on the worker's device)."""
+    import ray.train.torch
+
+    trainer.network = ray.train.torch.prepare_model(trainer.model, move_to_device=False,
+                                                    parallel_strategy_kwargs={"broadcast_buffers": False})
+    trainer.network.train()
+
+
+def train_loop(config_dict: dict) -> None:
+    """Runs on every Ray Train worker."""
     from subjectpairs.corpus.layout import read_exclude
     from subjectpairs.corpus.reader import resolve_shards
 
     from .data import BatchReader
-    from .rank_trainer import Collectives
 
     config = TrainConfig.model_validate(config_dict)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    ranks = Collectives(world, device)
-    scratch = tempfile.mkdtemp(prefix="subjectpairs-train-")
+    worker = this_worker("subjectpairs-train-")
+    rank, device, scratch = worker.rank, worker.device, worker.scratch
 
     trainer, position = _start_rank(config, rank, device, scratch)
     model = trainer.model
-    trainer.network = ray.train.torch.prepare_model(model, move_to_device=False,
-                                                    parallel_strategy_kwargs={"broadcast_buffers": False})
-    trainer.network.train()
+    distribute(trainer)
 
     reader = BatchReader(
-        resolve_shards(config.shards), rank=rank, world_size=world, num_workers=config.loader_workers,
+        resolve_shards(config.shards), rank=rank, world_size=worker.world, num_workers=config.loader_workers,
         batch_size=config.batch_size, seed=config.seed, input_size=model.input_size,
         target_size=model.target_size, exclude=read_exclude(config.exclude),
         latents=resolve_shards(config.latents) if config.latents else None,
@@ -259,7 +284,7 @@ def train_loop(config_dict: dict) -> None:
             metrics.write({"step": step, "eval": evaluation(model)})
             trainer.network.train()
 
-    run_steps(config, trainer, reader, ranks, rank=rank, scratch=scratch, after_step=after_step)
+    run_steps(config, trainer, reader, worker.ranks, rank=rank, scratch=scratch, after_step=after_step)
     if keys_log is not None:
         keys_log.close()
     shutil.rmtree(scratch, ignore_errors=True)
